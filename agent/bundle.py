@@ -1,0 +1,213 @@
+"""Open a bundle file: extract it safely, verify its signature and digests, parse its manifest.
+
+This is the one place that decides whether a bundle is trusted. The steps are
+fixed: stream-extract under limits -> parse and verify the signature against
+the trusted keys -> check every extracted file against the signed digests ->
+parse the (now authenticated) manifest -> check the manifest's file list
+against the archive. Nothing is trusted before its step has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from agent import safejson
+from agent.archive import Member, extract_archive
+from agent.config import BundleLimits
+from agent.errors import ArchiveError, DigestMismatch, LimitExceeded, ManifestError, UsageError
+from agent.keys import TrustedKey
+from agent.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
+from agent.signing import VerifiedStatement, check_resources, verify_signature
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifiedBundle:
+    """A bundle whose every file was checked against a signature by a trusted key."""
+
+    path: Path
+    """Directory holding the extracted, verified files."""
+    manifest: Manifest
+    statement: VerifiedStatement
+    members: Mapping[str, Member]
+
+    @property
+    def signer(self) -> str:
+        return self.statement.signer_key_id
+
+    def file(self, name: str) -> Path:
+        if name not in self.members:
+            raise KeyError(name)
+        return self.path / name
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+
+def _open_source(bundle: Path, limits: BundleLimits):  # type: ignore[no-untyped-def]
+    try:
+        fh = open(bundle, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"bundle not found: {bundle}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{bundle} is a directory, not a bundle") from None
+    except OSError as e:
+        raise UsageError(f"cannot read bundle {bundle}: {e.strerror}") from None
+    size = os.fstat(fh.fileno()).st_size
+    if size > limits.max_bundle_bytes:
+        fh.close()
+        raise LimitExceeded(f"{bundle.name}: {size} bytes exceeds the bundle size limit of {limits.max_bundle_bytes}")
+    return fh
+
+
+def verify_extracted(
+    directory: Path,
+    members: Mapping[str, Member],
+    trusted_keys: Sequence[TrustedKey],
+    limits: BundleLimits,
+) -> tuple[Manifest, VerifiedStatement]:
+    """Verify an extracted bundle: signature, then digests, then manifest. Pure over its inputs but for reads."""
+    if SIGNATURE_NAME not in members:
+        raise DigestMismatch(f"bundle has no signature file {SIGNATURE_NAME!r}")
+    if MANIFEST_NAME not in members:
+        raise ManifestError(f"bundle has no {MANIFEST_NAME}")
+    signature = (directory / SIGNATURE_NAME).read_bytes()
+    if len(signature) > limits.max_json_bytes:
+        raise LimitExceeded(f"{SIGNATURE_NAME}: larger than {limits.max_json_bytes} bytes")
+    statement = verify_signature(
+        signature, trusted_keys, max_bytes=limits.max_json_bytes, max_depth=limits.max_json_depth
+    )
+    log.debug("signature verified, signer %s", statement.signer_key_id)
+    actual = {name: m.sha256 for name, m in members.items() if name != SIGNATURE_NAME}
+    check_resources(statement, actual)
+    log.debug("all %d files match their signed digests", len(actual))
+    manifest = parse_manifest((directory / MANIFEST_NAME).read_bytes(), limits)
+    expected = set(manifest.payload_files())
+    if expected != set(actual):
+        missing = sorted(expected - set(actual))
+        extra = sorted(set(actual) - expected)
+        raise ManifestError(
+            "manifest and archive disagree:"
+            + (f" missing {missing}" if missing else "")
+            + (f" unexpected {extra}" if extra else "")
+        )
+    if statement.subject_name != manifest.name:
+        raise ManifestError(
+            f"signature subject {statement.subject_name!r} does not match manifest name {manifest.name!r}"
+        )
+    return manifest, statement
+
+
+def parse_manifest(data: bytes, limits: BundleLimits) -> Manifest:
+    doc = safejson.loads(data, max_bytes=limits.max_json_bytes, max_depth=limits.max_json_depth, what=MANIFEST_NAME)
+    return Manifest.from_dict(doc)
+
+
+def open_bundle(
+    bundle: Path,
+    dest_dir: Path,
+    *,
+    trusted_keys: Sequence[TrustedKey],
+    limits: BundleLimits = BundleLimits(),
+) -> VerifiedBundle:
+    """Extract ``bundle`` into the empty directory ``dest_dir`` and verify it.
+
+    On any failure ``dest_dir`` is left empty and the error propagates.
+    """
+    if not trusted_keys:
+        raise UsageError("no trusted keys given: pass at least one public key")
+    with _open_source(bundle, limits) as fh:
+        members = extract_archive(fh, dest_dir, limits)
+    try:
+        manifest, statement = verify_extracted(dest_dir, members, trusted_keys, limits)
+    except BaseException:
+        for name in members:
+            (dest_dir / name).unlink(missing_ok=True)
+        raise
+    log.info("bundle %s %s verified (signer %s)", manifest.name, manifest.version, statement.signer_key_id[:16])
+    return VerifiedBundle(path=dest_dir, manifest=manifest, statement=statement, members=members)
+
+
+@contextmanager
+def opened_bundle(
+    bundle: Path, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits()
+) -> Iterator[VerifiedBundle]:
+    """Verify ``bundle`` into a temporary directory that is removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="edgeship-verify-"))
+    try:
+        yield open_bundle(bundle, tmp, trusted_keys=trusted_keys, limits=limits)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["VerifiedBundle", "open_bundle", "opened_bundle", "verify_extracted", "parse_manifest", "ArchiveError"]
+
+
+def describe(bundle: VerifiedBundle, *, bundle_file: Path | None = None) -> dict[str, object]:
+    """A JSON-ready summary of a verified bundle (used by ``verify`` and ``inspect``)."""
+    m = bundle.manifest
+    out: dict[str, object] = {
+        "name": m.name,
+        "version": m.version,
+        "format": m.format,
+        "created": m.created,
+        "runtime": {"name": m.runtime.name, "min_version": m.runtime.min_version},
+        "device_class": {"arch": m.device_class.arch, "accelerator": m.device_class.accelerator},
+        "signer": bundle.signer,
+        "verified": True,
+        "inputs": [t.to_dict() for t in m.inputs],
+        "outputs": [t.to_dict() for t in m.outputs],
+        "selftest": {"cases": m.selftest.cases, "rtol": m.selftest.rtol, "atol": m.selftest.atol},
+        "labels": m.labels,
+        "quantization": m.quantization,
+        "builder": dict(m.builder),
+        "files": [
+            {"name": n, "size": bundle.members[n].size, "sha256": bundle.members[n].sha256}
+            for n in (SIGNATURE_NAME, *m.payload_files())
+        ],
+    }
+    if bundle_file is not None:
+        out["bundle"] = str(bundle_file)
+    return out
+
+
+def inspect_bundle(
+    bundle: Path, *, trusted_keys: Sequence[TrustedKey] = (), limits: BundleLimits = BundleLimits()
+) -> dict[str, object]:
+    """Describe a bundle. With trusted keys it is fully verified; without, the files are still
+    checked against the statement in the signature file, but the signature itself is not
+    (``verified: false``) - a hostile archive is rejected either way.
+    """
+    if trusted_keys:
+        with opened_bundle(bundle, trusted_keys=trusted_keys, limits=limits) as vb:
+            return describe(vb, bundle_file=bundle)
+    from agent.signing import read_unverified
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgeship-inspect-"))
+    try:
+        with _open_source(bundle, limits) as fh:
+            members = extract_archive(fh, tmp, limits)
+        if SIGNATURE_NAME not in members:
+            raise DigestMismatch(f"bundle has no signature file {SIGNATURE_NAME!r}")
+        statement = read_unverified(
+            (tmp / SIGNATURE_NAME).read_bytes(), max_bytes=limits.max_json_bytes, max_depth=limits.max_json_depth
+        )
+        check_resources(statement, {n: m.sha256 for n, m in members.items() if n != SIGNATURE_NAME})
+        if MANIFEST_NAME not in members:
+            raise ManifestError(f"bundle has no {MANIFEST_NAME}")
+        manifest = parse_manifest((tmp / MANIFEST_NAME).read_bytes(), limits)
+        vb = VerifiedBundle(path=tmp, manifest=manifest, statement=statement, members=members)
+        d = describe(vb, bundle_file=bundle)
+        d["verified"] = False
+        return d
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build the digits bundle, show what was signed, and verify it the way a device does.
+# Usage: examples/digits/build.sh [OUTDIR]   (needs `edgeship` on PATH)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${1:-$(mktemp -d -t edgeship-quickstart.XXXXXX)}
+mkdir -p "$OUT"
+echo "== 1. a release signing key (ECDSA P-256)"
+edgeship keys generate --out "$OUT/keys" --name release --force
+echo
+echo "== 2. build the signed bundle from $HERE/digits.onnx"
+edgeship build "$HERE/digits.onnx" --name digits --version 1.0.0 --key "$OUT/keys/release.key" \
+  --labels "$HERE/labels.txt" --sample-inputs "$HERE/samples.npz" -o "$OUT/digits-1.0.0.edge" --force
+echo
+echo "== 3. what the bundle holds"
+edgeship inspect "$OUT/digits-1.0.0.edge" --key "$OUT/keys/release.pub"
+echo
+echo "== 4. verify it as a device would (signature, every file's digest, golden self-test on this runtime)"
+edgeship-agent verify "$OUT/digits-1.0.0.edge" --key "$OUT/keys/release.pub" --selftest
+echo
+echo "== 5. a tampered copy is refused"
+python3 - "$OUT/digits-1.0.0.edge" "$OUT/tampered.edge" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read())
+data[len(data) // 2] ^= 0x01
+open(sys.argv[2], "wb").write(data)
+PY
+if edgeship-agent verify "$OUT/tampered.edge" --key "$OUT/keys/release.pub"; then
+  echo "FAILED: the tampered bundle was accepted" >&2
+  exit 1
+fi
+echo "(refused, as it should be)"
+echo
+echo "bundle and keys are in $OUT"

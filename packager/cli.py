@@ -1,0 +1,183 @@
+"""``edgeship``: the workstation CLI (keys, build, verify, inspect).
+
+Only this module talks to users; see :mod:`agent.cliutil` for the error handler.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent.bundle import describe, opened_bundle
+from agent.cliutil import echo_json, json_option, run_cli
+from agent.errors import UsageError
+from agent.keys import TrustedKey, load_public_key
+
+path_in = click.Path(path_type=Path, dir_okay=False)
+
+
+def _passphrase(env: str | None) -> bytes | None:
+    if env is None:
+        return None
+    value = os.environ.get(env)
+    if value is None:
+        raise UsageError(f"environment variable {env} (from --passphrase-env) is not set")
+    if not value:
+        raise UsageError(f"environment variable {env} is empty; a passphrase cannot be empty")
+    return value.encode("utf-8")
+
+
+def _trusted(keys: tuple[Path, ...]) -> list[TrustedKey]:
+    return [load_public_key(k) for k in keys]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeship")
+def cli() -> None:
+    """edgeship: build signed, quantized model bundles and ship them to devices."""
+
+
+@cli.group()
+def keys() -> None:
+    """Manage signing keys."""
+
+
+@keys.command("generate")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Directory for the key pair.")
+@click.option("--name", default="release", show_default=True, help="Base name: NAME.key and NAME.pub.")
+@click.option("--passphrase-env", metavar="VAR", help="Encrypt the private key with the passphrase in this environment variable.")
+@click.option("--force", is_flag=True, help="Overwrite an existing key pair.")
+@json_option
+def keys_generate(out_dir: Path, name: str, passphrase_env: str | None, force: bool, as_json: bool) -> None:
+    """Create an ECDSA P-256 key pair and print its key id."""
+    from packager.keys import generate_keypair
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = generate_keypair(out_dir, name=name, passphrase=_passphrase(passphrase_env), force=force)
+    if as_json:
+        echo_json({"key_id": gen.key_id, "private_key": str(gen.private_path), "public_key": str(gen.public_path),
+                   "encrypted": passphrase_env is not None})
+    else:
+        click.echo(f"key id:      {gen.key_id}")
+        click.echo(f"private key: {gen.private_path} (mode 0600{', encrypted' if passphrase_env else ''})")
+        click.echo(f"public key:  {gen.public_path}")
+
+
+@cli.command()
+@click.argument("model", type=path_in)
+@click.option("--name", required=True, help="Model name (a-z 0-9 . _ -).")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.0.0.")
+@click.option("--key", "key_path", required=True, type=path_in, help="Private signing key (PEM).")
+@click.option("--passphrase-env", metavar="VAR", help="Environment variable holding the key's passphrase.")
+@click.option("--labels", type=path_in, help="Class labels, one per line.")
+@click.option("--sample-inputs", type=path_in, help=".npz of self-test inputs (one array per input, samples on axis 0).")
+@click.option("--selftest-cases", default=4, show_default=True, type=click.IntRange(1, 64), help="Number of golden self-test cases.")
+@click.option("--arch", default="any", show_default=True, help="Target CPU architecture (x86_64, aarch64, ... or any).")
+@click.option("--accelerator", help="Target accelerator or delegate, if any.")
+@click.option("--min-runtime", help="Override the minimum runtime version recorded in the manifest.")
+@click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Output file (default ./NAME-VERSION.edge).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@json_option
+def build(model: Path, name: str, version: str, key_path: Path, passphrase_env: str | None, labels: Path | None,
+          sample_inputs: Path | None, selftest_cases: int, arch: str, accelerator: str | None, min_runtime: str | None,
+          out: Path | None, force: bool, as_json: bool) -> None:
+    """Build a signed bundle from an ONNX or TFLite MODEL."""
+    from packager.build import BuildRequest, build_bundle
+    from packager.keys import load_private_key
+    from packager.progress import default_reporter
+
+    if not model.is_file():
+        raise UsageError(f"model not found: {model}")
+    signing_key = load_private_key(key_path, passphrase=_passphrase(passphrase_env))
+    req = BuildRequest(model=model, name=name, version=version, out=out, labels=labels, sample_inputs=sample_inputs,
+                       selftest_cases=selftest_cases, arch=arch, accelerator=accelerator, min_runtime=min_runtime,
+                       force=force)
+    result = build_bundle(req, signing_key, reporter=default_reporter())
+    summary = {
+        "bundle": str(result.path),
+        "size": result.bundle_size,
+        "sha256": result.bundle_sha256,
+        "name": result.manifest.name,
+        "version": result.manifest.version,
+        "runtime": result.manifest.runtime.name,
+        "min_runtime": result.manifest.runtime.min_version,
+        "device_class": str(result.manifest.device_class),
+        "signer": result.signer,
+        "signed_files": [{"name": n, "size": s, "sha256": d} for n, (s, d) in result.files.items()],
+        "selftest": dict(result.selftest),
+    }
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"built {result.path} ({result.bundle_size} bytes)")
+    click.echo(f"  {result.manifest.name} {result.manifest.version}  runtime {result.manifest.runtime.name} >= "
+               f"{result.manifest.runtime.min_version}  device {result.manifest.device_class}")
+    click.echo(f"  signed by {result.signer}; signed files:")
+    for n, (s, d) in result.files.items():
+        click.echo(f"    {d[:16]}  {s:>10}  {n}")
+    click.echo(f"  self-test: {result.selftest['cases']} case(s), tolerance rtol={result.selftest['rtol']:g} atol={result.selftest['atol']:g}")
+
+
+def _print_description(d: dict[str, Any]) -> None:
+    click.echo(f"{d['name']} {d['version']}  (bundle format {d['format']}, created {d['created']})")
+    rt = d["runtime"]
+    dc = d["device_class"]
+    click.echo(f"  runtime:  {rt['name']} >= {rt['min_version']}")
+    click.echo(f"  device:   {dc['arch']}{' + ' + dc['accelerator'] if dc['accelerator'] else ''}")
+    if d.get("signer"):
+        state = "verified" if d.get("verified") else "NOT verified (no --key given)"
+        click.echo(f"  signer:   {d['signer']} ({state})")
+    for kind in ("inputs", "outputs"):
+        for t in d[kind]:
+            q = t.get("quantization")
+            qs = f"  q(scale={q['scale'][0]:g}, zp={q['zero_point'][0]})" if q else ""
+            click.echo(f"  {kind[:-1]:<8}  {t['name']}: {t['dtype']}{t['shape']}{qs}")
+    st = d["selftest"]
+    click.echo(f"  selftest: {st['cases']} case(s), rtol={st['rtol']:g} atol={st['atol']:g}")
+    if d.get("quantization"):
+        click.echo(f"  quantization: {d['quantization'].get('mode', 'see --json')}")
+    click.echo("  files:")
+    for f in d["files"]:
+        click.echo(f"    {f['sha256'][:16]}  {f['size']:>10}  {f['name']}")
+
+
+@cli.command()
+@click.argument("bundle", type=path_in)
+@click.option("--key", "keys_", multiple=True, required=True, type=path_in, help="Trusted public key (repeatable).")
+@json_option
+def verify(bundle: Path, keys_: tuple[Path, ...], as_json: bool) -> None:
+    """Exit 0 only if BUNDLE is intact and signed by one of the --key public keys."""
+    trusted = _trusted(keys_)
+    with opened_bundle(bundle, trusted_keys=trusted) as vb:
+        d = describe(vb, bundle_file=bundle)
+    if as_json:
+        echo_json(d)
+    else:
+        click.echo(f"OK: {bundle.name}: {d['name']} {d['version']} intact, signed by {d['signer']}")
+
+
+@cli.command()
+@click.argument("bundle", type=path_in)
+@click.option("--key", "keys_", multiple=True, type=path_in, help="Trusted public key; with it the signature is verified too.")
+@json_option
+def inspect(bundle: Path, keys_: tuple[Path, ...], as_json: bool) -> None:
+    """Show a bundle's manifest, files, signer and self-test."""
+    from agent.bundle import inspect_bundle
+
+    d = inspect_bundle(bundle, trusted_keys=_trusted(keys_))
+    if as_json:
+        echo_json(d)
+    else:
+        _print_description(d)
+
+
+def main(args: list[str] | None = None) -> None:
+    run_cli(cli, "edgeship", args)
+
+
+if __name__ == "__main__":
+    main()
