@@ -70,6 +70,8 @@ class BuildRequest:
     min_runtime: str | None = None
     force: bool = False
     quantization_report: Mapping[str, Any] | None = None
+    quantized: bool = False
+    """The model was quantized or converted to lower precision: self-test tolerance is wider."""
 
     def __post_init__(self) -> None:
         try:
@@ -197,7 +199,7 @@ def build_bundle(
                             raise ModelError(f"the model outputs NaN/Inf for self-test case {i} (tensor {tname!r}); refusing to sign it")
                 rtol, atol = 0.0, 0.0
                 for s in session.outputs:
-                    r, a = default_tolerance(s.dtype, s.quantization is not None)
+                    r, a = default_tolerance(s.dtype, req.quantized or s.quantization is not None)
                     rtol, atol = max(rtol, r), max(atol, a)
                 result = run_selftest(session, inputs, outputs, rtol=rtol, atol=atol)
             finally:

@@ -6,6 +6,7 @@ Only this module talks to users; see :mod:`agent.cliutil` for the error handler.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,18 @@ def keys_generate(out_dir: Path, name: str, passphrase_env: str | None, force: b
 @click.option("--version", "version", required=True, help="Semantic version, e.g. 1.0.0.")
 @click.option("--key", "key_path", required=True, type=path_in, help="Private signing key (PEM).")
 @click.option("--passphrase-env", metavar="VAR", help="Environment variable holding the key's passphrase.")
+@click.option("--target", type=click.Choice(["onnx", "tflite"]), help="Runtime the device will use (default: the model's own).")
+@click.option("--quantize", type=click.Choice(["none", "fp16", "int8-dynamic", "int8", "auto"]), default="none",
+              show_default=True, help="Quantization; auto tries every mode that applies and keeps the smallest, then fastest, that passes the gate.")
+@click.option("--calibration", type=path_in, help=".npz of representative inputs (static int8 needs it).")
+@click.option("--eval", "eval_path", type=path_in, help=".npz of evaluation inputs, with 'labels' when there are any.")
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, type=click.FloatRange(0, 100),
+              help="Percentage points of accuracy a result may lose against the float model (labelled --eval).")
+@click.option("--min-cosine", default=0.99, show_default=True, type=click.FloatRange(-1, 1),
+              help="Minimum cosine similarity to the float model's outputs (unlabelled --eval).")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="Activation type of ONNX static int8.")
+@click.option("--per-tensor", is_flag=True, help="Quantize weights per tensor instead of per channel.")
 @click.option("--labels", type=path_in, help="Class labels, one per line.")
 @click.option("--sample-inputs", type=path_in, help=".npz of self-test inputs (one array per input, samples on axis 0).")
 @click.option("--selftest-cases", default=4, show_default=True, type=click.IntRange(1, 64), help="Number of golden self-test cases.")
@@ -82,21 +95,50 @@ def keys_generate(out_dir: Path, name: str, passphrase_env: str | None, force: b
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Output file (default ./NAME-VERSION.edge).")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @json_option
-def build(model: Path, name: str, version: str, key_path: Path, passphrase_env: str | None, labels: Path | None,
-          sample_inputs: Path | None, selftest_cases: int, arch: str, accelerator: str | None, min_runtime: str | None,
-          out: Path | None, force: bool, as_json: bool) -> None:
-    """Build a signed bundle from an ONNX or TFLite MODEL."""
+def build(model: Path, name: str, version: str, key_path: Path, passphrase_env: str | None, target: str | None,
+          quantize: str, calibration: Path | None, eval_path: Path | None, max_accuracy_drop: float, min_cosine: float,
+          activation_type: str, per_tensor: bool, labels: Path | None, sample_inputs: Path | None, selftest_cases: int,
+          arch: str, accelerator: str | None, min_runtime: str | None, out: Path | None, force: bool,
+          as_json: bool) -> None:
+    """Build a signed bundle from an ONNX or TFLite MODEL, optionally converted and quantized behind the gate."""
+    import tempfile
+
     from packager.build import BuildRequest, build_bundle
+    from packager.gate import GateConfig, GateFailed
     from packager.keys import load_private_key
+    from packager.optimize import OptimizeRequest, optimize
     from packager.progress import default_reporter
+    from packager.report import render_report
 
     if not model.is_file():
         raise UsageError(f"model not found: {model}")
+    for flag, p in (("--calibration", calibration), ("--eval", eval_path), ("--labels", labels),
+                    ("--sample-inputs", sample_inputs)):
+        if p is not None and not p.is_file():
+            raise UsageError(f"{flag} file not found: {p}")
     signing_key = load_private_key(key_path, passphrase=_passphrase(passphrase_env))
-    req = BuildRequest(model=model, name=name, version=version, out=out, labels=labels, sample_inputs=sample_inputs,
-                       selftest_cases=selftest_cases, arch=arch, accelerator=accelerator, min_runtime=min_runtime,
-                       force=force)
-    result = build_bundle(req, signing_key, reporter=default_reporter())
+    base = BuildRequest(model=model, name=name, version=version, out=out, labels=labels, sample_inputs=sample_inputs,
+                        selftest_cases=selftest_cases, arch=arch, accelerator=accelerator, min_runtime=min_runtime,
+                        force=force)
+    if base.output_path().exists() and not force:
+        raise UsageError(f"{base.output_path()} already exists; pass --force to replace it (a released version should never change)")
+    reporter = default_reporter()
+    oreq = OptimizeRequest(source=model, target=target, quantize=quantize, calibration=calibration,  # type: ignore[arg-type]
+                           eval=eval_path, activation_type=activation_type,  # type: ignore[arg-type]
+                           per_channel=not per_tensor,
+                           gate=GateConfig(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine))
+    with tempfile.TemporaryDirectory(prefix="edgeship-optimize-") as work:
+        try:
+            opt = optimize(oreq, Path(work), reporter=reporter)
+        except GateFailed as e:
+            if e.report is not None and not as_json:
+                render_report(e.report, stderr=True)
+            raise
+        if opt.report is not None and not as_json:
+            render_report(opt.report, stderr=True)
+        req = replace(base, model=opt.path, quantization_report=opt.report, quantized=opt.quantized,
+                      min_runtime=min_runtime or opt.min_runtime_version)
+        result = build_bundle(req, signing_key, reporter=reporter, model_info=opt.info)
     summary = {
         "bundle": str(result.path),
         "size": result.bundle_size,
@@ -109,13 +151,15 @@ def build(model: Path, name: str, version: str, key_path: Path, passphrase_env: 
         "signer": result.signer,
         "signed_files": [{"name": n, "size": s, "sha256": d} for n, (s, d) in result.files.items()],
         "selftest": dict(result.selftest),
+        "quantization": opt.report,
     }
     if as_json:
         echo_json(summary)
         return
     click.echo(f"built {result.path} ({result.bundle_size} bytes)")
     click.echo(f"  {result.manifest.name} {result.manifest.version}  runtime {result.manifest.runtime.name} >= "
-               f"{result.manifest.runtime.min_version}  device {result.manifest.device_class}")
+               f"{result.manifest.runtime.min_version}  device {result.manifest.device_class}"
+               + (f"  model: {opt.report['chosen']}" if opt.report else ""))
     click.echo(f"  signed by {result.signer}; signed files:")
     for n, (s, d) in result.files.items():
         click.echo(f"    {d[:16]}  {s:>10}  {n}")

@@ -8,11 +8,16 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Callable, ContextManager, Iterator, Protocol
+
+
+Advance = Callable[[int, int], None]
+"""``advance(done, total)``: report progress inside a long step."""
 
 
 class Reporter(Protocol):
-    def step(self, message: str) -> "contextmanager[None]": ...  # type: ignore[valid-type]
+    def step(self, message: str) -> ContextManager[None]: ...
+    def bar(self, message: str) -> ContextManager[Advance]: ...
     def note(self, message: str) -> None: ...
 
 
@@ -22,6 +27,10 @@ class Silent:
     @contextmanager
     def step(self, message: str) -> Iterator[None]:
         yield
+
+    @contextmanager
+    def bar(self, message: str) -> Iterator[Advance]:
+        yield lambda done, total: None
 
     def note(self, message: str) -> None:
         pass
@@ -45,6 +54,21 @@ class Console:
                 self._console.print(f"[red]✗[/red] {message}")
                 raise
         self._console.print(f"[green]✓[/green] {message} [dim]({time.perf_counter() - start:.2f} s)[/dim]")
+
+    @contextmanager
+    def bar(self, message: str) -> Iterator[Advance]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        start = time.perf_counter()
+        with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self._console, transient=True) as progress:
+            task = progress.add_task(message, total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            yield advance
+        self._console.print(f"  {message} [dim]({time.perf_counter() - start:.2f} s)[/dim]")
 
     def note(self, message: str) -> None:
         self._console.print(f"  {message}")
