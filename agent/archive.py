@@ -35,6 +35,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from gzip import GzipFile
+from agent.fsutil import fsync_dir
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
@@ -458,17 +459,6 @@ def _check_empty_dir(dest_dir: Path) -> None:
         raise UsageError(f"destination {dest_dir} is not a directory") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits) -> dict[str, Member]:
@@ -502,7 +492,7 @@ def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits) -> dict
                 os.fsync(fh.fileno())
             members[header.name] = Member(name=header.name, size=header.size, sha256=digest.hexdigest())
             log.debug("extracted %s (%d bytes)", header.name, header.size)
-        _fsync_dir(dest_dir)
+        fsync_dir(dest_dir)
     except BaseException:
         for path in created:
             try:

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from agent.fsutil import fsync_dir
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -115,12 +116,6 @@ def _sha256_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _selftest_inputs(req: BuildRequest, specs: Sequence[TensorSpec]) -> list[dict[str, np.ndarray]]:
@@ -252,7 +247,7 @@ def build_bundle(
 
         os.replace(tmp_bundle, out)
         tmp_bundle = None
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         if tmp_bundle is not None:
             tmp_bundle.unlink(missing_ok=True)

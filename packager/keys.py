@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field
+from agent.fsutil import fsync_dir
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedKeyType
@@ -110,7 +111,7 @@ def generate_keypair(
         for tmp, final in zip(temps, targets):
             os.replace(tmp, final)
             published.append(final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     except BaseException as exc:
         for p in (*temps, *published):
             p.unlink(missing_ok=True)
@@ -137,12 +138,6 @@ def _write_temp(directory: Path, data: bytes, *, mode: int) -> Path:
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- load -----------------------------------------------------------------

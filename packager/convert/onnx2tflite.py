@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import time
+from agent.fsutil import fsync_dir
 from pathlib import Path
 
 from agent.errors import ModelError, UsageError
@@ -73,12 +74,6 @@ def _check_loads(data: bytes) -> None:
         raise ModelError(f"the converted model does not load in LiteRT: {exc}") from exc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(dst: Path, data: bytes) -> None:
@@ -96,7 +91,7 @@ def _write_atomic(dst: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def convert_onnx_to_tflite(src: Path, dst: Path, *, fp16_weights: bool = False) -> ConversionResult:
