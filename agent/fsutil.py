@@ -19,3 +19,28 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> tuple[int, str]:
+    """Size and SHA-256 (hex) of a file, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while data := fh.read(chunk):
+            h.update(data)
+            size += len(data)
+    return size, h.hexdigest()
+
+
+def read_local_file(path: Path, *, what: str, error: type[Exception]) -> bytes:
+    """Read a small local file the user named; every failure becomes one ``error`` naming ``what``."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None

@@ -20,6 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedKeyType
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 
+from agent.fsutil import read_local_file
 from agent.errors import KeyLoadError
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,5 @@ def public_key_from_pem(data: bytes, *, source: str) -> TrustedKey:
 
 def load_public_key(path: Path) -> TrustedKey:
     """Read and parse a PEM public key file. Raises :class:`KeyLoadError`."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyLoadError(f"public key {path} not found") from None
-    except IsADirectoryError:
-        raise KeyLoadError(f"public key {path} is a directory") from None
-    except OSError as exc:
-        raise KeyLoadError(f"cannot read public key {path}: {exc.strerror}") from None
+    data = read_local_file(path, what="public key", error=KeyLoadError)
     return public_key_from_pem(data, source=str(path))

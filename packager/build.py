@@ -7,7 +7,6 @@ quantization report) and the golden self-test.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
@@ -16,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from agent.fsutil import fsync_dir
+from agent.fsutil import fsync_dir, sha256_file
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -105,15 +104,6 @@ def _created() -> str:
     ts = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
     return ts.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
-
-def _sha256_file(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 
@@ -224,7 +214,7 @@ def build_bundle(
         (stage / MANIFEST_NAME).write_bytes(safejson.dumps(manifest.to_dict()))
 
         with rep.step(f"Signing with key {key.key_id[:16]}"):
-            files = {n: _sha256_file(stage / n) for n in manifest.payload_files()}
+            files = {n: sha256_file(stage / n) for n in manifest.payload_files()}
             statement = build_statement(subject_name=req.name, resources={n: d for n, (_, d) in files.items()})
             (stage / SIGNATURE_NAME).write_bytes(sign_statement(statement, key))
 
@@ -253,7 +243,7 @@ def build_bundle(
             tmp_bundle.unlink(missing_ok=True)
         shutil.rmtree(stage, ignore_errors=True)
 
-    size, digest = _sha256_file(out)
+    size, digest = sha256_file(out)
     log.info("wrote %s (%d bytes, sha256 %s)", out, size, digest)
     return BuildResult(
         path=out,

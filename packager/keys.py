@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field
-from agent.fsutil import fsync_dir
+from agent.fsutil import fsync_dir, read_local_file
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedKeyType
@@ -148,14 +148,7 @@ def load_private_key(path: Path, *, passphrase: bytes | None) -> SigningKey:
 
     A passphrase given for an unencrypted key is ignored (with a warning).
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyLoadError(f"private key {path} not found") from None
-    except IsADirectoryError:
-        raise KeyLoadError(f"private key {path} is a directory") from None
-    except OSError as exc:
-        raise KeyLoadError(f"cannot read private key {path}: {exc.strerror}") from None
+    data = read_local_file(path, what="private key", error=KeyLoadError)
 
     if b"-----BEGIN " not in data:
         raise KeyLoadError(f"{path} is not a PEM file")

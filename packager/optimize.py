@@ -232,7 +232,7 @@ def optimize(req: OptimizeRequest, workdir: Path, *, reporter: Reporter | None =
         "requested": req.quantize,
         "chosen": best.name if best else None,
         "mode": best.mode if best else None,
-        "source": {"file": req.source.name, "runtime": src.runtime, "size": sum(p.stat().st_size for p in [req.source])},
+        "source": {"file": req.source.name, "runtime": src.runtime, "size": req.source.stat().st_size},
         "reference": {"size": ref.size, "accuracy": ref_acc, "p50_ms": ref.latency.p50_ms,
                       "p99_ms": ref.latency.p99_ms, "backend": ref.backend},
         "gate": {"max_accuracy_drop_pp": req.gate.max_accuracy_drop, "min_cosine": req.gate.min_cosine,

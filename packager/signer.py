@@ -8,7 +8,6 @@ any one of them makes verification fail.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Collection
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.fsutil import sha256_file
 from agent.errors import UsageError
 from agent.manifest import SIGNATURE_NAME
 from agent.signing import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, build_statement, pae
@@ -98,11 +98,7 @@ def _walk_error(exc: OSError) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
+        return sha256_file(path, chunk=_CHUNK)[1]
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    return h.hexdigest()
