@@ -44,6 +44,39 @@ def verify(bundle: Path, keys_: tuple[Path, ...], selftest: bool, as_json: bool)
         click.echo(f"OK: self-test passed on {r['backend']}: {r['cases']} case(s), max abs error {r['max_abs_error']:.3g}")
 
 
+@cli.command()
+@click.option("--config", "config_path", required=True, type=path_in, help="Agent configuration (TOML).")
+@click.option("--once", is_flag=True, help="Run one update cycle and exit (0 when it succeeded).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def run(config_path: Path, once: bool, log_level: str) -> None:
+    """Connect to the broker and keep this device's models up to date."""
+    import asyncio
+    import logging
+    import signal
+
+    from agent.daemon import Agent
+    from agent.settings import load_config
+
+    logging.getLogger().setLevel(log_level.upper())
+    logging.getLogger("agent").setLevel(log_level.upper())
+    config = load_config(config_path)
+    agent = Agent(config)
+
+    async def main_loop() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if once:
+            return await agent.run_once()
+        await agent.run(stop)
+        return 0
+
+    rc = asyncio.run(main_loop())
+    if rc:
+        raise SystemExit(rc)
+
+
 def main(args: list[str] | None = None) -> None:
     run_cli(cli, "edgeship-agent", args)
 

@@ -88,3 +88,38 @@ class SelfTestFailed(ModelError):
 
 class LinkError(EdgeshipError):
     """The network or broker failed; the operation may be retried."""
+
+
+# --- the update channel ---------------------------------------------------
+
+
+class MetadataRejected(BadData):
+    """TUF metadata failed verification. ``cause`` is python-tuf's exception."""
+
+
+class MetadataVersionError(MetadataRejected):
+    """Older or mismatched metadata: a rollback or a snapshot/targets mix-and-match."""
+
+
+class MetadataExpired(MetadataRejected):
+    """Metadata past its expiry: a freeze attack, or a repository nobody re-signed."""
+
+
+class MetadataSignatureError(MetadataRejected):
+    """Metadata not signed by a threshold of the keys the trusted root names."""
+
+
+class MetadataDigestMismatch(MetadataRejected):
+    """Metadata whose length or hashes differ from what the role above it signed."""
+
+
+class BlockRejected(BadData):
+    """A downloaded block does not match what TUF signed, or the reply does not answer the request."""
+
+
+class VersionConflict(BadData):
+    """The same model version was published again with different bytes."""
+
+
+class DownloadTimeout(LinkError):
+    """A download did not finish before its overall deadline (slow retrieval)."""

@@ -1,0 +1,267 @@
+"""The update loop: connect, refresh on the hint and on a timer, fetch, verify, stage.
+
+One :class:`Agent` is one device. It owns one MQTT connection (asyncio, so a
+single process can host thousands of agents for fleet tests) and reconnects
+with exponential backoff and jitter. Each update cycle:
+
+1. refreshes TUF metadata through the server (python-tuf decides what is trusted);
+2. for every model the device runs, picks the newest release that fits it;
+3. downloads it block by block (resumable), each block checked against TUF;
+4. verifies the whole file against TUF, then the bundle's own signature against
+   the release keys the repository declares, and its fit to this device;
+5. stages it ("verified and staged"); installing it is the store's next step.
+
+Bad data is reported and not retried until the repository changes; a failed
+link is retried with backoff, resuming the download where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.bundle import opened_bundle
+from agent.channel import Channel
+from agent.download import DownloadStats, discard, download
+from agent.errors import BadData, EdgeshipError, LinkError, ManifestError
+from agent.preflight import check_fit
+from agent.protocol import HINT_TOPIC, MAX_BLOCK, ProtocolError, decode_hint, resp_topic
+from agent.runtime import runtime_version
+from agent.select import DeviceFacts, decide
+from agent.settings import AgentConfig
+from agent.store import ModelState, Store
+from agent.trust import MqttFetcher, Release, TrustedView, TufClient
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+@dataclass
+class AgentStatus:
+    connected: bool = False
+    cycles: int = 0
+    timestamp_version: int = 0
+    last_error: str | None = None
+    last_error_type: str | None = None
+    last_exception: EdgeshipError | None = None
+    hints: int = 0
+    downloads: list[DownloadStats] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, on_event: Callable[[Event], None] | None = None) -> None:
+        self.config = config
+        self.store = Store(config.state_dir)
+        self.tuf = TufClient(config.state_dir, config.root, config.limits)
+        self.facts = DeviceFacts(
+            machine=config.machine, accelerators=config.accelerators, groups=config.groups,
+            runtimes={name: runtime_version(name) for name in ("onnx", "tflite")},
+        )
+        self.status = AgentStatus(timestamp_version=self.tuf.trusted_timestamp_version())
+        self._on_event = on_event
+        self._wake = asyncio.Event()
+        self._random = random.Random()
+
+    # --- events -----------------------------------------------------------
+
+    def _event(self, step: str, **fields: Any) -> None:
+        ev: Event = {"step": step, **fields}
+        log.info("%s %s", step, " ".join(f"{k}={v}" for k, v in fields.items()))
+        if self._on_event is not None:
+            self._on_event(ev)
+
+    def _error(self, exc: EdgeshipError, **fields: Any) -> None:
+        self.status.last_error = str(exc)
+        self.status.last_error_type = type(exc).__name__
+        self.status.last_exception = exc
+        self._event("error", error=type(exc).__name__, message=str(exc), **fields)
+
+    # --- connection -------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set, reconnecting on broker loss."""
+        import aiomqtt
+
+        from agent.mqtt import make_client
+
+        stop = stop or asyncio.Event()
+        delay = self.config.reconnect_min
+        while not stop.is_set():
+            client = make_client(self.config.broker, identifier=self.config.device_id,
+                                 protocol=self.config.protocol)  # type: ignore[arg-type]
+            try:
+                async with client:
+                    self.status.connected = True
+                    delay = self.config.reconnect_min
+                    self._event("connected", broker=self.config.broker.url)
+                    await self._session(client, stop)
+            except aiomqtt.MqttError as e:
+                log.warning("broker connection lost or refused: %s", e)
+            finally:
+                self.status.connected = False
+            if stop.is_set():
+                break
+            wait = delay * (0.5 + self._random.random())
+            delay = min(delay * 2, self.config.reconnect_max)
+            log.info("reconnecting in %.1f s", wait)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+
+    async def run_once(self) -> int:
+        """Connect, run one update cycle, disconnect. Raises what the cycle hit."""
+        import aiomqtt
+
+        from agent.mqtt import make_client
+
+        client = make_client(self.config.broker, identifier=self.config.device_id,
+                             protocol=self.config.protocol)  # type: ignore[arg-type]
+        try:
+            async with client:
+                channel = await self._open_channel(client)
+                reader = asyncio.ensure_future(self._read(client, channel))
+                try:
+                    await self.update_cycle(channel)
+                finally:
+                    channel.close()
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+        except aiomqtt.MqttError as e:
+            raise LinkError(f"broker {self.config.broker.url}: {e}") from None
+        if self.status.last_exception is not None:
+            raise self.status.last_exception
+        return 0
+
+    async def _open_channel(self, client: Any) -> Channel:
+        async def publish(topic: str, payload: bytes) -> None:
+            await client.publish(topic, payload, qos=1)
+
+        channel = Channel(self.config.device_id, publish, max_body=MAX_BLOCK)
+        await client.subscribe(resp_topic(self.config.device_id), qos=1)
+        await client.subscribe(HINT_TOPIC, qos=1)
+        return channel
+
+    async def _session(self, client: Any, stop: asyncio.Event) -> None:
+        channel = await self._open_channel(client)
+        reader = asyncio.ensure_future(self._read(client, channel))
+        updater = asyncio.ensure_future(self._update_loop(channel, stop))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait({reader, updater, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            channel.close()
+            for t in (reader, updater, stopper):
+                t.cancel()
+            await asyncio.gather(reader, updater, stopper, return_exceptions=True)
+
+    async def _read(self, client: Any, channel: Channel) -> None:
+        own = resp_topic(self.config.device_id)
+        async for msg in client.messages:
+            topic = str(msg.topic)
+            payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+            if topic == own:
+                channel.deliver(payload)
+            elif topic == HINT_TOPIC:
+                try:
+                    hint = decode_hint(payload)
+                except ProtocolError as e:
+                    log.debug("ignored a malformed hint: %s", e)
+                    continue
+                self.status.hints += 1
+                if hint.timestamp_version != self.status.timestamp_version:
+                    log.debug("hint: repository at timestamp %d, we trust %d; refreshing",
+                              hint.timestamp_version, self.status.timestamp_version)
+                    self._wake.set()
+
+    async def _update_loop(self, channel: Channel, stop: asyncio.Event) -> None:
+        backoff = self.config.reconnect_min
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.update_cycle(channel)
+                wait = self.config.refresh_interval
+                backoff = self.config.reconnect_min
+            except LinkError as e:
+                self._error(e)
+                wait = min(backoff * (0.5 + self._random.random()), self.config.refresh_interval)
+                backoff = min(backoff * 2, self.config.reconnect_max)
+            except EdgeshipError as e:
+                self._error(e)
+                wait = self.config.refresh_interval
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    # --- one update cycle -------------------------------------------------
+
+    async def refresh(self, channel: Channel) -> TrustedView:
+        fetcher = MqttFetcher(channel, asyncio.get_running_loop(), self.config.limits)
+        view = await asyncio.to_thread(self.tuf.refresh, fetcher)
+        self.status.timestamp_version = view.timestamp_version
+        return view
+
+    async def update_cycle(self, channel: Channel) -> None:
+        """Refresh, then bring every model up to its newest fitting release. Raises on a failed refresh."""
+        self.status.cycles += 1
+        view = await self.refresh(channel)
+        self._event("refreshed", timestamp_version=view.timestamp_version, releases=len(view.releases))
+        failure: EdgeshipError | None = None
+        for model in self.config.models:
+            try:
+                await self._update_model(channel, view, model)
+            except EdgeshipError as e:
+                failure = failure or e
+                self.store.note_error(self.store.load(model), f"{type(e).__name__}: {e}")
+                if not isinstance(e, LinkError):
+                    self._error(e, model=model)
+        if isinstance(failure, LinkError):
+            raise failure
+        if failure is not None:
+            self.status.last_exception = failure
+        if failure is None:
+            self.status.last_error = self.status.last_error_type = self.status.last_exception = None
+
+    async def _update_model(self, channel: Channel, view: TrustedView, model: str) -> None:
+        state = self.store.load(model)
+        current = (state.staged.version, state.staged.sha256) if state.staged else None
+        decision = decide(view.releases, model=model, facts=self.facts, current=current, seen=state.seen,
+                          refused=frozenset(state.refused))
+        if decision.action != "fetch":
+            log.debug("%s: %s", model, decision.action)
+            return
+        rel = decision.release
+        assert rel is not None
+        self._event("downloading", model=model, version=rel.version, bytes=rel.target.length)
+        stats = DownloadStats()
+        self.status.downloads.append(stats)
+        part = await download(channel, rel.target, self.store.downloads, self.config.limits, stats=stats)
+        self._event("downloaded", model=model, version=rel.version, blocks=stats.blocks_fetched,
+                    resumed=stats.blocks_resumed)
+        try:
+            await asyncio.to_thread(self._verify, part, rel, view)
+        except BadData as e:
+            # TUF signed these exact bytes, yet the bundle is wrong for us: refuse this release for good.
+            discard(self.store.downloads, rel.target)
+            self.store.refuse(state, rel.target.sha256, f"{type(e).__name__}: {e}")
+            raise
+        self.store.stage(state, version=rel.version, sha256=rel.target.sha256, verified_file=part)
+        self._event("staged", model=model, version=rel.version, sha256=rel.target.sha256)
+
+    def _verify(self, part: Any, rel: Release, view: TrustedView) -> None:
+        with opened_bundle(part, trusted_keys=view.release_keys) as vb:
+            m = vb.manifest
+            if (m.name, m.version) != (rel.name, rel.version):
+                raise ManifestError(f"target {rel.target.path} holds {m.name} {m.version}, "
+                                    f"not {rel.name} {rel.version}")
+            check_fit(m, machine=self.facts.machine, runtimes=self.facts.runtimes,
+                      accelerators=self.facts.accelerators)
+
+    def model_state(self, model: str) -> ModelState:
+        return self.store.load(model)

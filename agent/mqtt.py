@@ -1,0 +1,124 @@
+"""Broker connection settings shared by the agent, the server and the fleet tools.
+
+One frozen :class:`BrokerSettings` says where the broker is and how to
+authenticate (mqtt:// or mqtts:// with a CA, a client certificate and key, or a
+username and password); :func:`make_client` turns it into an ``aiomqtt.Client``
+with TCP_NODELAY set (request/response over MQTT stalls on Nagle's algorithm
+otherwise: ~10 ms per round trip measured here).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from agent.errors import UsageError
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+Protocol = Literal["5", "3.1.1"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    host: str
+    port: int
+    tls: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise UsageError("broker URL has no host")
+        if not 0 < self.port < 65536:
+            raise UsageError(f"broker port {self.port} is out of range")
+        if (self.cert is None) != (self.key is None):
+            raise UsageError("a client certificate needs its key, and a key its certificate")
+        if (self.ca or self.cert) and not self.tls:
+            raise UsageError("a CA or client certificate needs an mqtts:// broker URL")
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def __repr__(self) -> str:  # never show the password
+        return f"BrokerSettings({self.url}, user={self.username!r})"
+
+
+def parse_broker_url(url: str, **extra: Any) -> BrokerSettings:
+    """``mqtt://host[:1883]`` or ``mqtts://host[:8883]``; user:password in the URL is accepted."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise UsageError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UsageError(f"broker URL {url!r} must not carry a path or query")
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"broker URL {url!r} has an invalid port") from None
+    tls = parts.scheme == "mqtts"
+    fields: dict[str, Any] = {"host": parts.hostname or "", "port": port or (8883 if tls else 1883), "tls": tls}
+    if parts.username:
+        fields["username"] = unquote(parts.username)
+    if parts.password:
+        fields["password"] = unquote(parts.password)
+    fields.update({k: v for k, v in extra.items() if v is not None})
+    return BrokerSettings(**fields)
+
+
+def tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
+    if not settings.tls:
+        return None
+    for what, path in (("CA", settings.ca), ("client certificate", settings.cert), ("client key", settings.key)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{what} file not found: {path}")
+    ctx = ssl.create_default_context(cafile=str(settings.ca) if settings.ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert is not None:
+        try:
+            ctx.load_cert_chain(str(settings.cert), str(settings.key))
+        except (ssl.SSLError, OSError) as e:
+            raise UsageError(f"cannot load client certificate {settings.cert}: {e}") from None
+    return ctx
+
+
+def make_client(
+    settings: BrokerSettings,
+    *,
+    identifier: str,
+    protocol: Protocol = "5",
+    will: aiomqtt.Will | None = None,
+    clean_session: bool = True,
+    max_inflight: int = 64,
+) -> aiomqtt.Client:
+    import aiomqtt
+
+    kwargs: dict[str, Any] = {}
+    if protocol == "5":
+        kwargs["protocol"] = aiomqtt.ProtocolVersion.V5
+    else:
+        kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
+        kwargs["clean_session"] = clean_session
+    return aiomqtt.Client(
+        settings.host,
+        settings.port,
+        identifier=identifier,
+        username=settings.username,
+        password=settings.password,
+        tls_context=tls_context(settings),
+        keepalive=settings.keepalive,
+        will=will,
+        timeout=10,
+        max_inflight_messages=max_inflight,
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        **kwargs,
+    )

@@ -1,0 +1,218 @@
+"""The resumable block downloader and the request channel, against the in-memory fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.channel import ChannelClosed, RequestTimeout
+from agent.config import UpdateLimits
+from agent.download import DownloadStats, download, part_path, record_path
+from agent.errors import BlockRejected, DownloadTimeout, LimitExceeded, LinkError
+from agent.protocol import MetaRequest, Reply, encode_reply
+from tests.fakeserver import FakeServer, blocked_target
+
+FAST = UpdateLimits(request_timeout=0.3, request_retries=3, blocks_in_flight=4, request_bytes=4096,
+                    record_flush_interval=0.001, download_deadline=20)
+
+
+def payload(n: int = 10 * 4096 + 123, seed: int = 1) -> bytes:
+    return os.urandom(0) + bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+def setup(data: bytes, **knobs: object) -> tuple[FakeServer, object]:
+    target = blocked_target(data)
+    server = FakeServer(files={target.url_path: data}, **knobs)  # type: ignore[arg-type]
+    return server, target
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_download_whole_file_in_blocks(tmp_path: Path) -> None:
+    data = payload()
+    server, target = setup(data)
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, FAST)  # type: ignore[arg-type]
+
+    out = run(go())
+    assert out.read_bytes() == data
+    assert len(server.block_requests()) == 11
+    assert not record_path(tmp_path, target).exists()  # type: ignore[arg-type]
+
+
+def test_requests_span_several_blocks_when_asked(tmp_path: Path) -> None:
+    data = payload()
+    server, target = setup(data)
+    limits = UpdateLimits(request_bytes=16384, request_timeout=1)
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, limits)  # type: ignore[arg-type]
+
+    assert run(go()).read_bytes() == data
+    assert [r.length for r in server.block_requests()] == [16384, 16384, 2 * 4096 + 123]
+
+
+@pytest.mark.parametrize("knob", [
+    {"corrupt_offsets": {3 * 4096}},
+    {"substitute": payload(seed=9)},
+])
+def test_altered_or_foreign_block_is_refused(tmp_path: Path, knob: dict[str, object]) -> None:
+    server, target = setup(payload(), **knob)
+
+    async def go() -> None:
+        await download(server.attach(), target, tmp_path, FAST)  # type: ignore[arg-type]
+
+    with pytest.raises(BlockRejected, match="does not match its signed hash"):
+        run(go())
+
+
+def test_truncated_or_misplaced_reply_is_refused(tmp_path: Path) -> None:
+    for knob in ({"truncate": True}, {"wrong_offset": True}):
+        server, target = setup(payload(), **knob)
+
+        async def go() -> None:
+            await download(server.attach(), target, tmp_path, FAST)  # type: ignore[arg-type]
+
+        with pytest.raises(BlockRejected, match="does not answer the request"):
+            run(go())
+
+
+def test_duplicated_and_reordered_replies_are_harmless(tmp_path: Path) -> None:
+    data = payload()
+    for knob in ({"duplicate": True}, {"reorder": True}):
+        server, target = setup(data, **knob)
+        ch = server.attach()
+
+        async def go() -> Path:
+            return await download(ch, target, tmp_path / str(knob), FAST)  # type: ignore[arg-type]
+
+        assert run(go()).read_bytes() == data
+        if "duplicate" in knob:
+            assert ch.stats.unmatched == 11  # every duplicate dropped, none used twice
+
+
+def test_lost_reply_is_asked_again(tmp_path: Path) -> None:
+    data = payload()
+    server, target = setup(data, drop_first={2 * 4096})
+    stats = DownloadStats()
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, FAST, stats=stats)  # type: ignore[arg-type]
+
+    assert run(go()).read_bytes() == data
+    assert stats.retries == 1
+
+
+def test_endless_data_is_cut_off(tmp_path: Path) -> None:
+    server, target = setup(payload(), flood=3)
+
+    async def go() -> None:
+        await download(server.attach(), target, tmp_path, FAST)  # type: ignore[arg-type]
+
+    with pytest.raises(LimitExceeded, match="abandoning"):
+        run(go())
+
+
+def test_oversize_bundle_refused_before_any_request(tmp_path: Path) -> None:
+    server, target = setup(payload())
+
+    async def go() -> None:
+        await download(server.attach(), target, tmp_path, UpdateLimits(max_bundle_bytes=4096))  # type: ignore[arg-type]
+
+    with pytest.raises(LimitExceeded, match="bundle limit"):
+        run(go())
+    assert server.requests == []
+
+
+def test_stalled_stream_is_a_link_error_and_resumes_without_refetching(tmp_path: Path) -> None:
+    data = payload()
+    server, target = setup(data, silent_after=5)
+    first = DownloadStats()
+
+    async def go(s: FakeServer, stats: DownloadStats) -> Path:
+        return await download(s.attach(), target, tmp_path, FAST, stats=stats)  # type: ignore[arg-type]
+
+    with pytest.raises(LinkError):
+        run(go(server, first))
+    got_before = set(first.fetched_offsets)
+    assert len(got_before) == 5
+    assert record_path(tmp_path, target).exists()  # type: ignore[arg-type]
+
+    healthy = FakeServer(files=server.files)
+    second = DownloadStats()
+    assert run(go(healthy, second)).read_bytes() == data
+    assert second.blocks_resumed == 5
+    refetched = {r.offset for r in healthy.block_requests()}
+    assert not refetched & got_before  # no finished block asked for again
+    assert len(refetched) == 11 - 5
+
+
+def test_resume_rechecks_blocks_the_record_vouches_for(tmp_path: Path) -> None:
+    data = payload()
+    server, target = setup(data, silent_after=4)
+
+    async def go(s: FakeServer, stats: DownloadStats) -> Path:
+        return await download(s.attach(), target, tmp_path, FAST, stats=stats)  # type: ignore[arg-type]
+
+    with pytest.raises(LinkError):
+        run(go(server, DownloadStats()))
+    part = part_path(tmp_path, target)  # type: ignore[arg-type]
+    with open(part, "r+b") as f:  # a write the record claims, lost in a power cut
+        f.seek(0)
+        f.write(b"\0" * 4096)
+    healthy = FakeServer(files=server.files)
+    stats = DownloadStats()
+    assert run(go(healthy, stats)).read_bytes() == data
+    assert stats.blocks_resumed == 3
+    assert 0 in {r.offset for r in healthy.block_requests()}
+
+
+def test_deadline_stops_slow_retrieval(tmp_path: Path) -> None:
+    server, target = setup(payload(), silent_after=1)
+    limits = UpdateLimits(request_timeout=5, download_deadline=0.3, request_bytes=4096)
+
+    async def go() -> None:
+        await download(server.attach(), target, tmp_path, limits)  # type: ignore[arg-type]
+
+    with pytest.raises(DownloadTimeout):
+        run(go())
+
+
+def test_channel_ignores_foreign_and_malformed_replies() -> None:
+    server = FakeServer(meta={"timestamp.json": b"{}"})
+    ch = server.attach()
+
+    async def go() -> Reply:
+        ch.deliver(b"garbage")
+        ch.deliver(encode_reply(Reply(id="00ff00ff00ff00ff", status="ok", body=b"for someone else")))
+        return await ch.request(MetaRequest(id=ch.new_id(), name="timestamp.json"), timeout=1)
+
+    reply = run(go())
+    assert reply.body == b"{}"  # type: ignore[union-attr]
+    assert ch.stats.malformed == 1 and ch.stats.unmatched == 1
+
+
+def test_channel_timeout_and_close() -> None:
+    server = FakeServer(silent_after=0)
+    ch = server.attach()
+
+    async def timeout() -> None:
+        await ch.request(MetaRequest(id=ch.new_id(), name="timestamp.json"), timeout=0.05)
+
+    with pytest.raises(RequestTimeout):
+        run(timeout())
+
+    async def closed() -> None:
+        task = asyncio.ensure_future(ch.request(MetaRequest(id=ch.new_id(), name="timestamp.json"), timeout=5))
+        await asyncio.sleep(0.01)
+        ch.close()
+        await task
+
+    with pytest.raises(ChannelClosed):
+        run(closed())
