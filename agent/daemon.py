@@ -196,6 +196,11 @@ class Agent:
             except EdgeshipError as e:
                 self._error(e)
                 wait = self.config.refresh_interval
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the device's update loop
+                log.exception("unexpected error in the update cycle")
+                self._error(EdgeshipError(f"internal error: {type(e).__name__}: {e}"))
+                wait = min(backoff * (0.5 + self._random.random()), self.config.refresh_interval)
+                backoff = min(backoff * 2, self.config.reconnect_max)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -235,6 +240,8 @@ class Agent:
                           refused=frozenset(state.refused))
         if decision.action != "fetch":
             log.debug("%s: %s", model, decision.action)
+            for version, reason in decision.skipped:
+                log.info("%s %s is not for this device: %s", model, version, reason)
             return
         rel = decision.release
         assert rel is not None

@@ -150,8 +150,8 @@ def parse_release(tf: TargetFile, *, hash_prefix: bool) -> Release | None:
     if not isinstance(runtime, dict) or not isinstance(dc, dict):
         raise BadData(f"{where}: malformed runtime or device_class")
     arch = dc.get("arch", "any")
-    if isinstance(arch, list):  # tolerate a list of one
-        arch = arch[0] if len(arch) == 1 and isinstance(arch[0], str) else "any"
+    if not isinstance(arch, str):
+        raise BadData(f"{where}: device_class.arch must be a string")
     groups = es.get("groups", [])
     blocks = es.get("block_sha256")
     sha = tf.hashes.get("sha256")
@@ -171,7 +171,7 @@ def parse_release(tf: TargetFile, *, hash_prefix: bool) -> Release | None:
     return Release(
         name=name, version=version,
         runtime=_str(runtime, "name", where), min_runtime=_str(runtime, "min_version", where),
-        arch=arch if isinstance(arch, str) else "any", accelerator=dc.get("accelerator") or None,
+        arch=arch, accelerator=dc.get("accelerator") or None,
         groups=tuple(groups), published=str(es.get("published", "")),
         target=BlockedTarget(path=tf.path, url_path=url_path, length=tf.length, sha256=sha,
                              block_size=block_size, block_sha256=tuple(blocks)),
@@ -308,9 +308,10 @@ class TufClient:
             log.info("now trusting root version %d", newest)
 
     def _view(self, updater: Updater) -> TrustedView:
-        trusted = updater._trusted_set  # noqa: SLF001 - the only way to list every verified target
-        targets = trusted.targets.signed
-        hash_prefix = bool(trusted.root.signed.consistent_snapshot)
+        # The only way to list every verified target; python-tuf >= 5 exposes the Signed objects.
+        trusted = updater._trusted_set  # noqa: SLF001
+        targets = trusted.targets
+        hash_prefix = bool(trusted.root.consistent_snapshot)
         releases = []
         for path in sorted(targets.targets):
             tf = updater.get_targetinfo(path)  # the public, verified lookup
@@ -324,9 +325,9 @@ class TufClient:
             if rel is not None:
                 releases.append(rel)
         return TrustedView(
-            timestamp_version=int(trusted.timestamp.signed.version),
+            timestamp_version=int(trusted.timestamp.version),
             targets_version=int(targets.version),
-            expires=min(trusted.timestamp.signed.expires, trusted.snapshot.signed.expires, targets.expires),
+            expires=min(trusted.timestamp.expires, trusted.snapshot.expires, targets.expires),
             releases=tuple(releases),
             release_keys=self._release_keys(updater),
         )

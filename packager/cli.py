@@ -219,6 +219,17 @@ def inspect(bundle: Path, keys_: tuple[Path, ...], as_json: bool) -> None:
         _print_description(d)
 
 
+def _register() -> None:
+    from packager.repo_cli import publish, repo
+    from packager.serve_cli import serve
+
+    for command in (repo, publish, serve):
+        cli.add_command(command)
+
+
+_register()
+
+
 def main(args: list[str] | None = None) -> None:
     run_cli(cli, "edgeship", args)
 

@@ -1,0 +1,155 @@
+"""Publishing one bundle into the repository (called by :func:`packager.repo.publish` under the lock).
+
+The bundle is first copied into the repository (hashing it, block by block, on the way), and it is
+that copy which is verified and published: the bytes checked are the bytes served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tuf.api.metadata import TargetFile
+
+from agent.bundle import opened_bundle
+from agent.config import BundleLimits
+from agent.errors import LimitExceeded, UsageError
+from agent.keys import TrustedKey
+from agent.manifest import Manifest
+from packager.repo_store import Chain, Layout, VersionConflict, move_atomic, rfc3339, temp_path
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 262144
+"""Bytes per entry of a bundle target's ``block_sha256`` list (the last block may be shorter)."""
+RUNTIME_NAMES = {"onnx": "onnx", "tflite": "tflite"}
+"""Manifest runtime name -> the ``runtime.name`` spelling in a target's custom fields (the same names)."""
+_GROUP = re.compile(r"^[a-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishResult:
+    changed: bool
+    """False when the same bytes were already published (nothing was written)."""
+    message: str
+    target_path: str
+    stored_path: Path
+    name: str
+    version: str
+    length: int
+    sha256: str
+    groups: tuple[str, ...]
+    signer: str
+    targets_version: int
+    timestamp_version: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Incoming:
+    path: Path
+    length: int
+    sha256: str
+    blocks: tuple[str, ...]
+
+
+def check_groups(groups: Sequence[str]) -> tuple[str, ...]:
+    """Sorted, de-duplicated group names; :class:`UsageError` for a name outside ``[a-z0-9._-]{1,64}``."""
+    for g in groups:
+        if not isinstance(g, str) or not _GROUP.match(g):
+            raise UsageError(f"invalid group name {g!r}: use 1-64 of a-z 0-9 . _ -")
+    return tuple(sorted(set(groups)))
+
+
+def copy_hashed(src: Path, directory: Path, *, limits: BundleLimits) -> Incoming:
+    """Copy ``src`` to a fsynced temp file in ``directory``, computing its SHA-256 and per-block SHA-256."""
+    try:
+        size = src.stat().st_size
+    except FileNotFoundError:
+        raise UsageError(f"bundle not found: {src}") from None
+    if not src.is_file():
+        raise UsageError(f"{src} is not a file")
+    if size > limits.max_bundle_bytes:
+        raise LimitExceeded(f"{src.name}: {size} bytes exceeds the bundle size limit of {limits.max_bundle_bytes}")
+    tmp = temp_path(directory, "incoming")
+    whole = hashlib.sha256()
+    blocks: list[str] = []
+    length = 0
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644)
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            while block := fin.read(BLOCK_SIZE):
+                whole.update(block)
+                blocks.append(hashlib.sha256(block).hexdigest())
+                length += len(block)
+                fout.write(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Incoming(path=tmp, length=length, sha256=whole.hexdigest(), blocks=tuple(blocks))
+
+
+def bundle_custom(manifest: Manifest, groups: Sequence[str], incoming: Incoming, now: datetime) -> dict[str, Any]:
+    """The ``custom`` field of a bundle target (see the repository spec)."""
+    return {"edgeship": {
+        "kind": "bundle",
+        "name": manifest.name,
+        "version": manifest.version,
+        "runtime": {"name": RUNTIME_NAMES[manifest.runtime.name], "min_version": manifest.runtime.min_version},
+        "device_class": {"arch": manifest.device_class.arch, "accelerator": manifest.device_class.accelerator},
+        "groups": list(groups),
+        "published": rfc3339(now),
+        "block_size": BLOCK_SIZE,
+        "block_sha256": list(incoming.blocks),
+    }}
+
+
+def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[str, ...],
+                   trusted: Sequence[TrustedKey], commit: Callable[[], None], now: datetime,
+                   limits: BundleLimits = BundleLimits()) -> PublishResult:
+    """Verify ``bundle`` against ``trusted`` and add it to ``chain.targets``; ``commit`` re-signs the chain."""
+    incoming = copy_hashed(bundle, layout.targets, limits=limits)
+    try:
+        with opened_bundle(incoming.path, trusted_keys=trusted, limits=limits) as vb:
+            manifest, signer = vb.manifest, vb.signer
+        target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.edge"
+        stored = layout.target_file(target_path, incoming.sha256)
+
+        def result(changed: bool, message: str, published_groups: tuple[str, ...]) -> PublishResult:
+            log.info("%s", message)
+            return PublishResult(changed=changed, message=message, target_path=target_path, stored_path=stored,
+                                 name=manifest.name, version=manifest.version, length=incoming.length,
+                                 sha256=incoming.sha256, groups=published_groups, signer=signer,
+                                 targets_version=chain.targets.signed.version,
+                                 timestamp_version=chain.timestamp.signed.version)
+
+        existing = chain.targets.signed.targets.get(target_path)
+        if existing is not None:
+            if existing.hashes.get("sha256") != incoming.sha256 or existing.length != incoming.length:
+                raise VersionConflict(
+                    f"{manifest.name} {manifest.version} is already published with different bytes "
+                    f"(sha256 {existing.hashes.get('sha256', '?')[:16]}..., this bundle {incoming.sha256[:16]}...); "
+                    "a released version never changes: build a new version")
+            old_groups = tuple((existing.custom or {}).get("edgeship", {}).get("groups", ()))
+            message = f"{manifest.name} {manifest.version} is already published with these bytes; nothing changed"
+            if old_groups != groups:
+                message += f" (its groups stay {', '.join(old_groups) or 'all devices'})"
+            return result(False, message, old_groups)
+        if not stored.exists():
+            move_atomic(incoming.path, stored)
+        chain.targets.signed.targets[target_path] = TargetFile(
+            length=incoming.length, hashes={"sha256": incoming.sha256}, path=target_path,
+            unrecognized_fields={"custom": bundle_custom(manifest, groups, incoming, now)})
+        commit()
+        message = (f"published {manifest.name} {manifest.version} for {', '.join(groups) or 'all devices'}: "
+                   f"targets v{chain.targets.signed.version}, timestamp v{chain.timestamp.signed.version}")
+        return result(True, message, groups)
+    finally:
+        incoming.path.unlink(missing_ok=True)

@@ -1,0 +1,81 @@
+"""The update channel end to end against real Mosquitto: repository -> server -> broker -> agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.daemon import Agent
+from agent.protocol import HINT_TOPIC, resp_topic
+from packager.repo import init_repo, publish
+from tests.conftest import KeyPair, build
+from tests.mosquitto import Broker, broker_module  # noqa: F401 - fixture
+from tests.updatechannel import agent_config, now, publish_raw, running_agent, running_server, trusted_snapshot, wait_for
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, mlp_onnx: Path, release_key: KeyPair) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("channel-bundles")
+    return {v: build(mlp_onnx, release_key, out / f"mlp-{v}.edge", version=v).path for v in ("1.0.0", "1.1.0", "1.2.0")}
+
+
+@pytest.fixture
+def repo(tmp_path: Path, release_key: KeyPair, bundles: dict[str, Path]) -> Path:
+    path = tmp_path / "repo"
+    init_repo(path, release_keys=[release_key.public], now=now())
+    publish(path, bundles["1.0.0"], now=now())
+    return path
+
+
+def root_of(repo: Path) -> Path:
+    return repo / "metadata" / "1.root.json"
+
+
+def staged(agent: Agent, model: str = "mlp") -> str | None:
+    s = agent.model_state(model).staged
+    return None if s is None else s.version
+
+
+def test_fresh_device_stages_then_follows_a_newer_release(broker_module: Broker, repo: Path, tmp_path: Path,
+                                                          bundles: dict[str, Path]) -> None:
+    cfg = agent_config(broker_module.url, tmp_path / "state", root_of(repo))
+    events: list[dict[str, Any]] = []
+
+    async def scenario() -> Agent:
+        async with running_server(repo, broker_module.url):
+            async with running_agent(cfg, events) as agent:
+                await wait_for(lambda: staged(agent) == "1.0.0", what="v1 staged")
+                publish(repo, bundles["1.1.0"], now=now())
+                await wait_for(lambda: staged(agent) == "1.1.0", what="v1.1 staged after the hint")
+                return agent
+
+    agent = asyncio.run(scenario())
+    state = agent.model_state("mlp")
+    assert state.seen.keys() == {"1.0.0", "1.1.0"}
+    bundle = tmp_path / "state" / "bundles" / f"{state.staged.sha256}.edge"  # type: ignore[union-attr]
+    assert bundle.read_bytes() == bundles["1.1.0"].read_bytes()
+    assert not (tmp_path / "state" / "bundles" / f"{state.seen['1.0.0']}.edge").exists()  # superseded, removed
+    steps = [e["step"] for e in events]
+    assert steps.count("staged") == 2 and "error" not in steps
+    # the hint woke it: far fewer cycles than a poll would need, and refresh_interval is 30 s
+    assert agent.status.cycles <= 4
+
+
+def test_run_once_cli_style_and_up_to_date(broker_module: Broker, repo: Path, tmp_path: Path) -> None:
+    cfg = agent_config(broker_module.url, tmp_path / "state", root_of(repo))
+
+    async def scenario() -> tuple[Agent, Agent]:
+        async with running_server(repo, broker_module.url):
+            first = Agent(cfg)
+            await first.run_once()
+            second = Agent(cfg)  # a restart: nothing to do
+            await second.run_once()
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    assert staged(first) == "1.0.0"
+    assert len(first.status.downloads) == 1 and second.status.downloads == []
