@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.bundle import opened_bundle
-from agent.channel import Channel
+from agent.channel import Channel, ChannelStats
 from agent.download import DownloadStats, discard, download
 from agent.errors import BadData, EdgeshipError, LinkError, ManifestError
 from agent.preflight import check_fit
@@ -52,6 +52,8 @@ class AgentStatus:
     last_exception: EdgeshipError | None = None
     hints: int = 0
     downloads: list[DownloadStats] = field(default_factory=list)
+    channels: list[ChannelStats] = field(default_factory=list)
+    """One per connection: replies dropped as malformed or unmatched are counted here."""
 
 
 class Agent:
@@ -142,6 +144,7 @@ class Agent:
             await client.publish(topic, payload, qos=1)
 
         channel = Channel(self.config.device_id, publish, max_body=MAX_BLOCK)
+        self.status.channels.append(channel.stats)
         await client.subscribe(resp_topic(self.config.device_id), qos=1)
         await client.subscribe(HINT_TOPIC, qos=1)
         return channel

@@ -58,6 +58,21 @@ def trusted_snapshot(state: Path) -> dict[str, str]:
     return out
 
 
+def held_state(state: Path) -> dict[str, Any]:
+    """What the device holds: bundle files, and per model what is staged, accepted and refused.
+
+    (Not ``last_error``: reporting an attack is expected.)"""
+    from agent.store import Store
+
+    store = Store(state)
+    out: dict[str, Any] = {f"bundles/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+                           for p in sorted(store.bundles.glob("*.edge"))}
+    for p in sorted(store.models.glob("*.json")):
+        m = store.load(p.stem)
+        out[f"models/{p.stem}"] = (m.staged, m.seen, m.refused)
+    return out
+
+
 @contextlib.asynccontextmanager
 async def running_server(repo: Path, broker_url: str, *, protocol: str = "auto",
                          limits: ServerLimits = FAST_SERVER) -> AsyncIterator[Server]:
@@ -95,7 +110,11 @@ class EvilServer:
     tamper: Tamper | None = None
     delay: float = 0.0
     """Seconds to wait before answering each block request (a slow link)."""
+    reply_delay: Callable[[MetaRequest | BlockRequest], float] | None = None
+    """Per-request delay, to make replies overtake each other."""
     requests: list[tuple[str, MetaRequest | BlockRequest]] = field(default_factory=list)
+    answered: list[MetaRequest | BlockRequest] = field(default_factory=list)
+    """Requests in the order their replies were published."""
 
     def block_offsets(self, device: str | None = None) -> Counter[int]:
         return Counter(r.offset for d, r in self.requests if isinstance(r, BlockRequest) and device in (None, d))
@@ -116,12 +135,15 @@ class EvilServer:
                 self.requests.append((device, req))
                 if self.delay and isinstance(req, BlockRequest):
                     await asyncio.sleep(self.delay)
+                if self.reply_delay is not None:
+                    await asyncio.sleep(self.reply_delay(req))
                 reply = handler.handle(device, payload)
                 if reply is None:
                     return
                 out = [(resp_topic(device), reply)] if self.tamper is None else self.tamper(device, req, reply)
                 for t, p in out:
                     await client.publish(t, p, qos=1)
+                self.answered.append(req)
 
             async def loop() -> None:
                 tasks = set()
@@ -165,5 +187,5 @@ async def running_agent(config: AgentConfig, events: list[dict[str, Any]] | None
             await asyncio.wait_for(task, 5)
 
 
-__all__ = ["Agent", "EvilServer", "aiomqtt", "agent_config", "now", "publish_raw", "running_agent",
+__all__ = ["Agent", "EvilServer", "aiomqtt", "agent_config", "held_state", "now", "publish_raw", "running_agent",
            "running_server", "trusted_snapshot", "wait_for"]
