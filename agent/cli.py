@@ -48,7 +48,8 @@ def verify(bundle: Path, keys_: tuple[Path, ...], selftest: bool, as_json: bool)
 @click.option("--config", "config_path", required=True, type=path_in, help="Agent configuration (TOML).")
 @click.option("--once", is_flag=True, help="Run one update cycle and exit (0 when it succeeded).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-def run(config_path: Path, once: bool, log_level: str) -> None:
+@json_option
+def run(config_path: Path, once: bool, log_level: str, as_json: bool) -> None:
     """Connect to the broker and keep this device's models up to date."""
     import asyncio
     import logging
@@ -73,6 +74,19 @@ def run(config_path: Path, once: bool, log_level: str) -> None:
         return 0
 
     rc = asyncio.run(main_loop())
+    if once:
+        models = {}
+        for model in config.models:
+            st = agent.model_state(model)
+            models[model] = {"staged": None if st.staged is None else st.staged.__dict__, "last_error": st.last_error}
+        if as_json:
+            echo_json({"device_id": config.device_id, "timestamp_version": agent.status.timestamp_version,
+                       "models": models})
+        else:
+            for model, m in models.items():
+                staged = m["staged"]
+                click.echo(f"{model}: " + (f"staged {staged['version']} ({staged['sha256'][:12]})" if staged
+                                           else "nothing staged"))
     if rc:
         raise SystemExit(rc)
 

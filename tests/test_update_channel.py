@@ -79,3 +79,44 @@ def test_run_once_cli_style_and_up_to_date(broker_module: Broker, repo: Path, tm
     first, second = asyncio.run(scenario())
     assert staged(first) == "1.0.0"
     assert len(first.status.downloads) == 1 and second.status.downloads == []
+
+
+def test_agent_cli_run_once(broker_module: Broker, repo: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'device_id = "cli-dev"\nstate_dir = "state"\nroot = "{root_of(repo)}"\nmodels = ["mlp"]\n'
+                    f'[broker]\nurl = "{broker_module.url}"\n')
+    stop = threading.Event()
+
+    def serve() -> None:
+        async def go() -> None:
+            async with running_server(repo, broker_module.url):
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+        asyncio.run(go())
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        import time
+        time.sleep(1.0)
+        cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf), "--once", "--json",
+               "--log-level", "warning"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["models"]["mlp"]["staged"]["version"] == "1.0.0" and doc["timestamp_version"] >= 2
+
+    bad = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(tmp_path / "nope.toml")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: config file not found")
+    conf.write_text(conf.read_text().replace(broker_module.url, "mqtt://127.0.0.1:1"))
+    down = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(conf), "--once"],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 3 and "error: broker mqtt://127.0.0.1:1" in down.stderr
