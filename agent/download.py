@@ -29,7 +29,7 @@ from agent import safejson
 from agent.channel import Channel, ChannelClosed, RequestTimeout
 from agent.config import UpdateLimits
 from agent.errors import BlockRejected, DigestMismatch, DownloadTimeout, JsonError, LimitExceeded, LinkError
-from agent.fsutil import fsync_dir, sha256_file
+from agent.fsutil import sha256_file, write_atomic
 from agent.protocol import MAX_BLOCK, BlockRequest
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,7 @@ class _Record:
         t = self.target
         data = safejson.dumps({"format": RECORD_FORMAT, "path": t.path, "sha256": t.sha256, "length": t.length,
                                "block_size": t.block_size, "done": sorted(self.done)})
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        write_atomic(self.path, data)
         self._dirty = False
 
 

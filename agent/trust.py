@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,7 +35,7 @@ from agent.errors import (
     BadData, EdgeshipError, JsonError, KeyLoadError, LimitExceeded, LinkError, MetadataDigestMismatch, MetadataExpired,
     MetadataRejected, MetadataSignatureError, MetadataVersionError, UsageError,
 )
-from agent.fsutil import fsync_dir
+from agent.fsutil import fsync_dir, write_atomic
 from agent.keys import TrustedKey, public_key_from_pem
 from agent.manifest import check_name, check_semver
 from agent.protocol import DEFAULT_BLOCK, BlockRequest, MetaRequest
@@ -261,7 +260,7 @@ class TufClient:
                 Metadata[Root].from_bytes(data)
             except Exception as e:  # noqa: BLE001 - python-tuf raises several types for bad JSON
                 raise UsageError(f"trust anchor {anchor} is not TUF root metadata: {e}") from None
-            _write_durable(self.root_file, data)
+            write_atomic(self.root_file, data)
 
     def trusted_root_version(self) -> int:
         return int(Metadata[Root].from_bytes(self.root_file.read_bytes()).signed.version)
@@ -304,7 +303,7 @@ class TufClient:
         if newest > self.trusted_root_version():
             data = (history / f"{newest}.root.json").read_bytes()
             # python-tuf only writes a root into root_history after verifying it.
-            _write_durable(self.root_file, data)
+            write_atomic(self.root_file, data)
             log.info("now trusting root version %d", newest)
 
     def _view(self, updater: Updater) -> TrustedView:
@@ -348,17 +347,3 @@ class TufClient:
                 if old != cached:
                     old.unlink(missing_ok=True)
         return parse_release_keys(Path(path).read_bytes())
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

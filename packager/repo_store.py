@@ -33,7 +33,7 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 from agent.errors import BadData, UsageError
-from agent.fsutil import fsync_dir
+from agent.fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -181,23 +181,6 @@ def locked(layout: Layout) -> Iterator[None]:
 
 def temp_path(directory: Path, hint: str) -> Path:
     return directory / f".{hint}.{secrets.token_hex(6)}.tmp"
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file in the same directory, then rename and fsync the dir."""
-    tmp = temp_path(path.parent, path.name)
-    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(tmp, flags, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def move_atomic(src: Path, dest: Path) -> None:
