@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,7 +41,7 @@ def verify(bundle: Path, keys_: tuple[Path, ...], selftest: bool, as_json: bool)
         return
     click.echo(f"OK: {bundle.name}: {d['name']} {d['version']} intact, signed by {d['signer']}")
     if selftest:
-        r = d["selftest_result"]
+        r: Any = d["selftest_result"]
         click.echo(f"OK: self-test passed on {r['backend']}: {r['cases']} case(s), max abs error {r['max_abs_error']:.3g}")
 
 
@@ -75,7 +76,7 @@ def run(config_path: Path, once: bool, log_level: str, as_json: bool) -> None:
 
     rc = asyncio.run(main_loop())
     if once:
-        models = {}
+        models: dict[str, dict[str, Any]] = {}
         for model in config.models:
             st = agent.model_state(model)
             models[model] = {"staged": None if st.staged is None else st.staged.__dict__, "last_error": st.last_error}
