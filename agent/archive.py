@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from gzip import GzipFile
 from agent.fsutil import fsync_dir
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Collection, Sequence
 
 from agent.config import BundleLimits, KiB, MiB
 from agent.errors import ArchiveError, LimitExceeded, UsageError
@@ -505,6 +505,34 @@ def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits) -> dict
     return members
 
 
+def scan_archive(src: BinaryIO, limits: BundleLimits, *, keep: Collection[str] = (),
+                 max_keep_bytes: int) -> tuple[dict[str, Member], dict[str, bytes]]:
+    """Check and hash every member of the archive ``src`` without writing anything.
+
+    The same rules as :func:`extract_archive` apply, end of archive and trailing
+    data included. The bytes of the members named in ``keep`` (small ones: the
+    manifest, the signature; at most ``max_keep_bytes`` each) are returned too.
+    """
+    tar = _open_stream(src, limits)
+    members: dict[str, Member] = {}
+    kept: dict[str, bytes] = {}
+    while (header := tar.next()) is not None:
+        keeping = header.name in keep
+        if keeping and header.size > max_keep_bytes:
+            raise LimitExceeded(f"member {header.name!r}: {header.size} bytes is larger than {max_keep_bytes}")
+        digest = hashlib.sha256()
+        parts: list[bytes] = []
+        while chunk := tar.read(_DATA_CHUNK):
+            digest.update(chunk)
+            if keeping:
+                parts.append(chunk)
+        members[header.name] = Member(name=header.name, size=header.size, sha256=digest.hexdigest())
+        if keeping:
+            kept[header.name] = b"".join(parts)
+    log.debug("scanned %d members", len(members))
+    return members, kept
+
+
 def read_member_bytes(src: BinaryIO, name: str, limits: BundleLimits, *, max_bytes: int) -> bytes | None:
     """Read one small member (e.g. the manifest) from the archive stream ``src`` without touching disk.
 
@@ -527,4 +555,5 @@ def read_member_bytes(src: BinaryIO, name: str, limits: BundleLimits, *, max_byt
     return None
 
 
-__all__ = ["Member", "NAME_PATTERN", "check_member_name", "write_archive", "extract_archive", "read_member_bytes"]
+__all__ = ["Member", "NAME_PATTERN", "check_member_name", "write_archive", "extract_archive", "read_member_bytes",
+           "scan_archive"]

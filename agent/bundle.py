@@ -9,6 +9,7 @@ against the archive. Nothing is trusted before its step has passed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -16,10 +17,10 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from agent import safejson
-from agent.archive import Member, extract_archive
+from agent.archive import Member, extract_archive, scan_archive
 from agent.config import BundleLimits
 from agent.errors import ArchiveError, DigestMismatch, LimitExceeded, ManifestError, UsageError
 from agent.keys import TrustedKey
@@ -76,11 +77,22 @@ def verify_extracted(
     limits: BundleLimits,
 ) -> tuple[Manifest, VerifiedStatement]:
     """Verify an extracted bundle: signature, then digests, then manifest. Pure over its inputs but for reads."""
+    return verify_members(lambda name: (directory / name).read_bytes(), members, trusted_keys, limits)
+
+
+def verify_members(
+    read: Callable[[str], bytes],
+    members: Mapping[str, Member],
+    trusted_keys: Sequence[TrustedKey],
+    limits: BundleLimits,
+) -> tuple[Manifest, VerifiedStatement]:
+    """Signature, then every member's digest, then the manifest; ``read(name)`` gives the
+    manifest's and the signature's bytes."""
     if SIGNATURE_NAME not in members:
         raise DigestMismatch(f"bundle has no signature file {SIGNATURE_NAME!r}")
     if MANIFEST_NAME not in members:
         raise ManifestError(f"bundle has no {MANIFEST_NAME}")
-    signature = (directory / SIGNATURE_NAME).read_bytes()
+    signature = read(SIGNATURE_NAME)
     if len(signature) > limits.max_json_bytes:
         raise LimitExceeded(f"{SIGNATURE_NAME}: larger than {limits.max_json_bytes} bytes")
     statement = verify_signature(
@@ -90,7 +102,7 @@ def verify_extracted(
     actual = {name: m.sha256 for name, m in members.items() if name != SIGNATURE_NAME}
     check_resources(statement, actual)
     log.debug("all %d files match their signed digests", len(actual))
-    manifest = parse_manifest((directory / MANIFEST_NAME).read_bytes(), limits)
+    manifest = parse_manifest(read(MANIFEST_NAME), limits)
     expected = set(manifest.payload_files())
     if expected != set(actual):
         missing = sorted(expected - set(actual))
@@ -137,6 +149,52 @@ def open_bundle(
     return VerifiedBundle(path=dest_dir, manifest=manifest, statement=statement, members=members)
 
 
+@dataclass(frozen=True)
+class CheckedFile:
+    """A bundle file verified where it lies (nothing extracted)."""
+
+    manifest: Manifest
+    statement: VerifiedStatement
+    members: Mapping[str, Member]
+    sha256: str | None
+    """SHA-256 of the .edge file itself, computed in the same pass (None when not asked for)."""
+
+
+class _HashingReader:
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self.digest.update(data)
+        return data
+
+
+def verify_file(bundle: Path, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits(),
+                file_sha256: bool = True) -> CheckedFile:
+    """Verify ``bundle`` in one streaming pass without writing anything: every archive rule,
+    every member digest, the signature, the manifest and, with ``file_sha256``, the file's own
+    SHA-256 (the agent skips it: each block was already checked against a TUF-signed hash)."""
+    with _open_source(bundle, limits) as fh:
+        return verify_stream(fh, trusted_keys=trusted_keys, limits=limits, file_sha256=file_sha256)
+
+
+def verify_stream(src: BinaryIO, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits(),
+                  file_sha256: bool = True) -> CheckedFile:
+    """:func:`verify_file` over any reader (e.g. a file still being downloaded)."""
+    if not trusted_keys:
+        raise UsageError("no trusted keys given: pass at least one public key")
+    reader: Any = _HashingReader(src) if file_sha256 else src
+    members, kept = scan_archive(reader, limits, keep=(MANIFEST_NAME, SIGNATURE_NAME),
+                                 max_keep_bytes=limits.max_json_bytes)
+    manifest, statement = verify_members(kept.__getitem__, members, trusted_keys, limits)
+    log.info("bundle %s %s verified in place (signer %s)", manifest.name, manifest.version,
+             statement.signer_key_id[:16])
+    return CheckedFile(manifest=manifest, statement=statement, members=members,
+                       sha256=reader.digest.hexdigest() if file_sha256 else None)
+
+
 @contextmanager
 def opened_bundle(
     bundle: Path, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits()
@@ -149,7 +207,8 @@ def opened_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["VerifiedBundle", "open_bundle", "opened_bundle", "verify_extracted", "parse_manifest", "ArchiveError"]
+__all__ = ["VerifiedBundle", "CheckedFile", "open_bundle", "opened_bundle", "verify_extracted", "verify_file", "verify_stream",
+           "verify_members", "parse_manifest", "ArchiveError"]
 
 
 def describe(bundle: VerifiedBundle, *, bundle_file: Path | None = None) -> dict[str, object]:

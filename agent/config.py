@@ -47,7 +47,7 @@ class UpdateLimits:
     """Seconds to wait for one reply before asking again."""
     request_retries: int = 5
     """Attempts per request before the download gives up (a link error, resumed later)."""
-    blocks_in_flight: int = 4
+    blocks_in_flight: int = 16
     """Block requests outstanding at once."""
     request_bytes: int = 256 * KiB
     """Bytes asked for per block request (rounded to the repository's block size, at most 1 MiB)."""

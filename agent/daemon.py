@@ -23,11 +23,12 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from agent.bundle import opened_bundle
+from agent.bundle import verify_stream
 from agent.channel import Channel, ChannelStats
-from agent.download import DownloadStats, discard, download
+from agent.download import DownloadStats, GrowingReader, Progress, discard, download, part_path
 from agent.errors import BadData, EdgeshipError, LinkError, ManifestError
 from agent.preflight import check_fit
 from agent.protocol import HINT_TOPIC, MAX_BLOCK, ProtocolError, decode_hint, resp_topic
@@ -251,11 +252,21 @@ class Agent:
         self._event("downloading", model=model, version=rel.version, bytes=rel.target.length)
         stats = DownloadStats()
         self.status.downloads.append(stats)
-        part = await download(channel, rel.target, self.store.downloads, self.config.limits, stats=stats)
+        # Verify while the blocks arrive: the checker reads the part file as its whole prefix grows.
+        progress = Progress(rel.target)
+        checking = asyncio.ensure_future(asyncio.to_thread(self._verify, part_path(self.store.downloads, rel.target),
+                                                           progress, rel, view))
+        try:
+            part = await download(channel, rel.target, self.store.downloads, self.config.limits, stats=stats,
+                                  progress=progress)
+        except BaseException:
+            progress.abort()
+            await asyncio.gather(checking, return_exceptions=True)
+            raise
         self._event("downloaded", model=model, version=rel.version, blocks=stats.blocks_fetched,
                     resumed=stats.blocks_resumed)
         try:
-            await asyncio.to_thread(self._verify, part, rel, view)
+            await checking
         except BadData as e:
             # TUF signed these exact bytes, yet the bundle is wrong for us: refuse this release for good.
             discard(self.store.downloads, rel.target)
@@ -264,14 +275,18 @@ class Agent:
         self.store.stage(state, version=rel.version, sha256=rel.target.sha256, verified_file=part)
         self._event("staged", model=model, version=rel.version, sha256=rel.target.sha256)
 
-    def _verify(self, part: Any, rel: Release, view: TrustedView) -> None:
-        with opened_bundle(part, trusted_keys=view.release_keys) as vb:
-            m = vb.manifest
-            if (m.name, m.version) != (rel.name, rel.version):
-                raise ManifestError(f"target {rel.target.path} holds {m.name} {m.version}, "
-                                    f"not {rel.name} {rel.version}")
-            check_fit(m, machine=self.facts.machine, runtimes=self.facts.runtimes,
-                      accelerators=self.facts.accelerators)
+    def _verify(self, part: Path, progress: Progress, rel: Release, view: TrustedView) -> None:
+        # Every block already matched the SHA-256 that TUF's targets role signed for it.
+        reader = GrowingReader(part, progress, rel.target.length)
+        try:
+            checked = verify_stream(reader, trusted_keys=view.release_keys,  # type: ignore[arg-type]
+                                    file_sha256=False)
+        finally:
+            reader.close()
+        m = checked.manifest
+        if (m.name, m.version) != (rel.name, rel.version):
+            raise ManifestError(f"target {rel.target.path} holds {m.name} {m.version}, not {rel.name} {rel.version}")
+        check_fit(m, machine=self.facts.machine, runtimes=self.facts.runtimes, accelerators=self.facts.accelerators)
 
     def model_state(self, model: str) -> ModelState:
         return self.store.load(model)

@@ -108,7 +108,7 @@ def make_client(
     else:
         kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
         kwargs["clean_session"] = clean_session
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         settings.host,
         settings.port,
         identifier=identifier,
@@ -122,3 +122,6 @@ def make_client(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         **kwargs,
     )
+    # Requests and replies are pipelined on purpose; aiomqtt warns above 10 outstanding publishes.
+    client.pending_calls_threshold = max_inflight
+    return client

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import archive
-from agent.archive import Member, extract_archive, read_member_bytes, write_archive
+from agent.archive import Member, extract_archive, read_member_bytes, scan_archive, write_archive
 from agent.config import GiB, KiB, MiB, BundleLimits
 from agent.errors import ArchiveError, LimitExceeded, UsageError
 
@@ -159,10 +159,15 @@ def gz(tar: bytes) -> bytes:
 
 
 def extract(data: bytes, dest: Path, limits: BundleLimits = LIMITS) -> dict[str, Member]:
-    return extract_archive(binary(OneWayReader(data)), dest, limits)
+    members = extract_archive(binary(OneWayReader(data)), dest, limits)
+    scanned, _ = scan_archive(binary(OneWayReader(data)), limits, max_keep_bytes=1)  # the in-place path agrees
+    assert scanned == members
+    return members
 
 
 def reject(data: bytes, dest: Path, exc: type[Exception], phrase: str, limits: BundleLimits = LIMITS) -> None:
+    with pytest.raises(exc, match=phrase):
+        scan_archive(binary(OneWayReader(data)), limits, max_keep_bytes=1)
     with pytest.raises(exc, match=phrase):
         extract(data, dest, limits)
     assert list(dest.iterdir()) == [], "a failed extraction must leave dest_dir empty"

@@ -22,8 +22,24 @@ from tests.conftest import KeyPair, build, repack, unpack
 
 
 def _verify(bundle: Path, dest: Path, key: KeyPair):  # type: ignore[no-untyped-def]
+    """Verify both ways: extracted, and in place (verify_file); they must agree on every input."""
+    from agent.bundle import verify_file
+    from agent.errors import EdgeshipError
+
+    in_place: EdgeshipError | None = None
+    checked = None
+    try:
+        checked = verify_file(bundle, trusted_keys=[key.trusted()])
+    except EdgeshipError as e:
+        in_place = e
     dest.mkdir(exist_ok=True)
-    return open_bundle(bundle, dest, trusted_keys=[key.trusted()])
+    try:
+        vb = open_bundle(bundle, dest, trusted_keys=[key.trusted()])
+    except EdgeshipError as e:
+        assert type(in_place) is type(e), f"verify_file raised {in_place!r}, open_bundle {e!r}"
+        raise
+    assert in_place is None and checked is not None and checked.manifest == vb.manifest
+    return vb
 
 
 def _order(files: dict[str, Path]) -> list[tuple[str, Path]]:

@@ -1,0 +1,465 @@
+"""Transfer bench: a signed bundle delivered and verified through Mosquitto on loopback, beside a raw paho stream.
+
+    python bench/transfer.py [--size-mib 64] [--repeat 3] [--blocks-in-flight 4[,8]] [--request-kib 256[,1024]]
+                             [--warmup 1] [--server process|thread] [--workdir DIR] [--json] [-v]
+
+In one run, against one Mosquitto (127.0.0.1, free port, the production-relevant settings of
+tests/mosquitto.py: set_tcp_nodelay, max_queued_messages 0 with a memory_limit, max_packet_size 2 MiB):
+
+* **raw**: plain paho (its own loop thread per client, QoS 1, TCP_NODELAY) publishes the bundle's
+  bytes in 256 KiB chunks to a paho subscriber; MiB/s from the first publish to the last chunk
+  received: the transport with nothing on top (no request/response, hashing or disk). Both
+  clients share this process, as edgeship's agent and an in-process server would.
+* **edgeship**: ``edgeship serve`` (a subprocess by default, as on a real deployment; ``--server
+  thread`` runs it in this process) serves a fresh TUF repository holding the bundle, and a fresh
+  ``Agent.run_once()`` (new state directory each time) connects, refreshes TUF, downloads every
+  block (each hashed against TUF), hashes the whole file, verifies the bundle (unpack + signature)
+  and stages it. *End-to-end* is from the start of ``run_once`` to "staged"; *download* is the
+  download step alone (between the agent's ``downloading`` and ``downloaded`` events).
+
+One unmeasured warm-up (``--warmup``) goes first; then the repetitions are interleaved (raw, then
+each edgeship setting), so that drift on a shared machine hits every row alike. The table shows the
+median of the repetitions, their range, and the ratio against the raw median of the same run, and
+where the end-to-end time of the median run went. Absolute numbers depend on the machine; compare
+the ratios. ``--blocks-in-flight`` and ``--request-kib`` take comma-separated lists: every
+combination is a row. The bundle (an ONNX MatMul whose weights are random float32, so gzip cannot
+shrink it) and its signing key are built once and cached in ``--workdir`` (default: a directory
+under the system temp dir); the TUF repository, the broker and the device state are fresh each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.config import KiB, MiB, UpdateLimits  # noqa: E402
+from agent.daemon import Agent  # noqa: E402
+from agent.mqtt import parse_broker_url  # noqa: E402
+from agent.protocol import HINT_TOPIC  # noqa: E402
+from agent.settings import AgentConfig  # noqa: E402
+from packager.repo import BLOCK_SIZE  # noqa: E402
+from tests.mosquitto import Broker, start_broker  # noqa: E402
+
+MODEL = "bench"
+VERSION = "1.0.0"
+DEVICE = "bench-device"
+RAW_CHUNK = 256 * KiB
+RAW_INFLIGHT = 64
+"""paho's in-flight QoS 1 window for the raw stream: what agent.mqtt.make_client gives aiomqtt."""
+TARGET_RATIO = 0.6
+CACHE_TAG = "r1"
+"""Bump when write_model changes, so a cached bundle of the old kind is not reused."""
+DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "edgeship-bench-transfer"
+
+
+# --- the bundle and the repository ---------------------------------------------------------
+
+
+def write_model(path: Path, size_mib: int, seed: int = 0) -> Path:
+    """y = x @ W with W [4096, 64 * size_mib] float32: ``size_mib`` MiB of incompressible weights.
+
+    W is random bits with the top exponent bit cleared (finite, |w| < 2): gzip keeps it at 100.0%
+    of its size, where normally distributed float32 would shrink by 7% (predictable exponents)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, cols = 4096, 64 * size_mib
+    bits = np.random.default_rng(seed).integers(0, 1 << 32, (rows, cols), dtype=np.uint32)
+    w = (bits & np.uint32(0xBFFFFFFF)).view(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "transfer-bench",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeship-bench")
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    onnx.save_model(model, str(path))
+    return path
+
+
+def cached_bundle(workdir: Path, size_mib: int) -> tuple[Path, Path]:
+    """(bundle, release public key), built on first use and kept in ``workdir``."""
+    from packager.build import BuildRequest, build_bundle
+    from packager.keys import generate_keypair, load_private_key
+
+    cache = workdir / f"bundle-{size_mib}MiB-{CACHE_TAG}"
+    bundle, pub = cache / f"{MODEL}-{VERSION}.edge", cache / "release.pub"
+    if bundle.is_file() and pub.is_file():
+        return bundle, pub
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    key = generate_keypair(cache, name="release")
+    model = write_model(cache / "model.onnx", size_mib)
+    req = BuildRequest(model=model, name=MODEL, version=VERSION, out=bundle)
+    build_bundle(req, load_private_key(key.private_path, passphrase=None))
+    model.unlink()
+    return bundle, pub
+
+
+def make_repo(path: Path, bundle: Path, pub: Path) -> Path:
+    from packager.repo import init_repo, publish
+
+    now = datetime.now(timezone.utc)
+    init_repo(path, release_keys=[pub], now=now)
+    publish(path, bundle, now=now)
+    return path
+
+
+# --- raw paho stream -------------------------------------------------------------------------
+
+
+def _paho_client(name: str) -> Any:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=MQTTProtocolVersion.MQTTv311)
+    c.max_inflight_messages_set(RAW_INFLIGHT)
+    c.max_queued_messages_set(0)
+    return c
+
+
+def _connect(client: Any, broker: Broker) -> None:
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    client.connect(broker.host, broker.port, keepalive=30)
+    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("paho client did not connect")
+
+
+def raw_stream(broker: Broker, data: bytes, chunk: int = RAW_CHUNK) -> float:
+    """Seconds from the first publish to the last chunk received (QoS 1 both ways)."""
+    topic = "bench/raw"
+    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    done = threading.Event()
+    got = {"n": 0, "bytes": 0, "end": 0.0}
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        got["n"] += 1
+        got["bytes"] += len(msg.payload)
+        if got["n"] == len(chunks):
+            got["end"] = time.perf_counter()
+            done.set()
+
+    sub, pub = _paho_client("bench-raw-sub"), _paho_client("bench-raw-pub")
+    subscribed = threading.Event()
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    try:
+        _connect(sub, broker)
+        sub.subscribe(topic, qos=1)
+        if not subscribed.wait(10):
+            raise RuntimeError("raw subscriber: no SUBACK")
+        _connect(pub, broker)
+        start = time.perf_counter()
+        for c in chunks:
+            pub.publish(topic, c, qos=1)
+        if not done.wait(120):
+            raise RuntimeError(f"raw stream: {got['n']} of {len(chunks)} chunks arrived")
+        if got["bytes"] != len(data):
+            raise RuntimeError(f"raw stream: {got['bytes']} bytes arrived, sent {len(data)}")
+        return got["end"] - start
+    finally:
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
+
+
+# --- the edgeship server ---------------------------------------------------------------------
+
+
+def _wait_for_hint(broker: Broker, timeout: float = 20.0) -> None:
+    """The server publishes the retained hint once it has subscribed: it is ready."""
+    got = threading.Event()
+    c = _paho_client("bench-ready-probe")
+    c.on_message = lambda *_a: got.set()
+    try:
+        _connect(c, broker)
+        c.subscribe(HINT_TOPIC, qos=1)
+        if not got.wait(timeout):
+            raise RuntimeError(f"the edgeship server published no hint within {timeout:g} s")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+@contextlib.contextmanager
+def server_process(repo: Path, broker: Broker, log_path: Path) -> Iterator[None]:
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "packager.cli", "serve", "--repo", str(repo), "--broker", broker.url,
+             "--log-level", "warning"],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        try:
+            _wait_for_hint(broker)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; server log {log_path}:\n{log_path.read_text(errors='replace')[-2000:]}") from None
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def server_thread(repo: Path, broker: Broker) -> Iterator[None]:
+    from packager.server import Server
+
+    loop = asyncio.new_event_loop()
+    stop: asyncio.Event | None = None
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        await Server(repo, parse_broker_url(broker.url)).run(stop=stop)
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(main())
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            failure.append(e)
+
+    t = threading.Thread(target=run, name="edgeship-server", daemon=True)
+    t.start()
+    try:
+        _wait_for_hint(broker)
+        yield
+    finally:
+        if stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+        t.join(10)
+        loop.close()
+        if failure:
+            raise RuntimeError(f"server thread failed: {failure[0]!r}")
+
+
+# --- one edgeship delivery -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    blocks_in_flight: int
+    request_kib: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.blocks_in_flight} x {self.request_kib} KiB"
+
+
+@dataclass
+class Delivery:
+    end_to_end: float
+    download: float
+    phases: dict[str, float]
+    requests: int
+    retries: int
+
+
+def deliver(broker: Broker, repo: Path, state: Path, setting: Setting, expect_sha256: str) -> Delivery:
+    limits = UpdateLimits(blocks_in_flight=setting.blocks_in_flight, request_bytes=setting.request_kib * KiB)
+    config = AgentConfig(device_id=DEVICE, broker=parse_broker_url(broker.url), root=repo / "metadata" / "1.root.json",
+                         state_dir=state, models=(MODEL,), limits=limits)
+    marks: dict[str, float] = {}
+
+    def mark(event: dict[str, Any]) -> None:  # the agent's events come from its event loop thread
+        marks.setdefault(event["step"], time.perf_counter())
+
+    agent = Agent(config, on_event=mark)
+
+    async def once() -> None:
+        marks["start"] = time.perf_counter()
+        await agent.run_once()
+        marks["end"] = time.perf_counter()
+
+    asyncio.run(once())
+    staged = agent.model_state(MODEL).staged
+    if staged is None or staged.sha256 != expect_sha256 or "staged" not in marks:
+        raise RuntimeError(f"the agent did not stage the bundle (state: {agent.model_state(MODEL)})")
+    stats = agent.status.downloads[-1]
+    order = ["start", "refreshed", "downloading", "downloaded", "staged", "end"]
+    phases = {f"{a}->{b}": marks[b] - marks[a] for a, b in itertools.pairwise(order)}
+    return Delivery(end_to_end=marks["staged"] - marks["start"], download=marks["downloaded"] - marks["downloading"],
+                    phases=phases, requests=stats.requests, retries=stats.retries)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    size: int
+    raw: list[float] = field(default_factory=list)
+    edgeship: dict[Setting, list[Delivery]] = field(default_factory=dict)
+
+
+def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) -> Results:
+    workdir: Path = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    log.info("bundle: building or reusing %d MiB in %s", args.size_mib, workdir)
+    bundle, pub = cached_bundle(workdir, args.size_mib)
+    data = bundle.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    res = Results(size=len(data), edgeship={s: [] for s in settings})
+    with tempfile.TemporaryDirectory(prefix="run-", dir=workdir) as tmp_name:
+        tmp = Path(tmp_name)
+        repo = make_repo(tmp / "repo", bundle, pub)
+        broker = start_broker(tmp / "mosquitto")
+        try:
+            serving = (server_process(repo, broker, tmp / "server.log") if args.server == "process"
+                       else server_thread(repo, broker))
+            with serving:
+                for _ in range(args.warmup):  # first connections, imports, page cache: not measured
+                    raw_stream(broker, data)
+                    deliver(broker, repo, tmp / "warmup", settings[0], sha)
+                    shutil.rmtree(tmp / "warmup", ignore_errors=True)
+                for rep in range(args.repeat):
+                    res.raw.append(raw_stream(broker, data))
+                    log.info("rep %d raw: %.1f MiB/s", rep + 1, len(data) / MiB / res.raw[-1])
+                    for s in settings:
+                        state = tmp / f"state-{rep}"
+                        try:
+                            d = deliver(broker, repo, state, s, sha)
+                        finally:
+                            shutil.rmtree(state, ignore_errors=True)
+                        res.edgeship[s].append(d)
+                        log.info("rep %d edgeship %s: %.1f MiB/s end to end, %.1f MiB/s download",
+                                 rep + 1, s.label, len(data) / MiB / d.end_to_end, len(data) / MiB / d.download)
+        finally:
+            broker.stop()
+    return res
+
+
+def summarize(res: Results, args: argparse.Namespace) -> dict[str, Any]:
+    mib = res.size / MiB
+
+    def rates(seconds: list[float]) -> dict[str, Any]:
+        r = [mib / s for s in seconds]
+        return {"mib_s": statistics.median(r), "min": min(r), "max": max(r), "runs": r}
+
+    raw = rates(res.raw)
+    rows: list[dict[str, Any]] = []
+    for s, ds in res.edgeship.items():
+        e2e, dl = rates([d.end_to_end for d in ds]), rates([d.download for d in ds])
+        mid = sorted(ds, key=lambda d: d.end_to_end)[len(ds) // 2]  # the median run's own breakdown
+        share = {k: v / mid.end_to_end for k, v in mid.phases.items()}
+        rows.append({
+            "blocks_in_flight": s.blocks_in_flight, "request_kib": s.request_kib,
+            "end_to_end": {**e2e, "ratio": e2e["mib_s"] / raw["mib_s"]},
+            "download": {**dl, "ratio": dl["mib_s"] / raw["mib_s"]},
+            "phase_share_of_end_to_end": share,
+            "requests": ds[0].requests, "retries": sum(d.retries for d in ds),
+            "target_met": e2e["mib_s"] / raw["mib_s"] >= TARGET_RATIO,
+        })
+    return {"bundle_bytes": res.size, "repeat": args.repeat, "warmup": args.warmup, "server": args.server,
+            "raw_chunk": RAW_CHUNK, "target_ratio": TARGET_RATIO, "raw": {**raw, "ratio": 1.0}, "edgeship": rows}
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    mib = summary["bundle_bytes"] / MiB
+    where = "a subprocess" if summary["server"] == "process" else "a thread of the agent's process"
+    print(f"\ntransfer bench: {mib:.2f} MiB bundle through Mosquitto on 127.0.0.1, server in {where}, "
+          f"{summary['repeat']} repetitions (median, range, ratio to the raw median)")
+    print(f"  {'path':<44} {'MiB/s':>8} {'range':>15} {'vs raw':>7}")
+
+    def line(label: str, r: dict[str, Any]) -> None:
+        print(f"  {label:<44} {r['mib_s']:8.1f} {r['min']:7.1f}-{r['max']:<7.1f} {r['ratio']:6.2f}x")
+
+    line(f"raw paho stream (QoS 1, {summary['raw_chunk'] // KiB} KiB chunks)", summary["raw"])
+    for row in summary["edgeship"]:
+        tag = f"{row['blocks_in_flight']} x {row['request_kib']} KiB"
+        line(f"edgeship end-to-end ({tag})", row["end_to_end"])
+        line(f"edgeship download only ({tag})", row["download"])
+    print("\n  where the end-to-end time goes (shares of the median run):")
+    names = {"start->refreshed": "connect + TUF refresh", "refreshed->downloading": "select",
+             "downloading->downloaded": "download (blocks + whole-file hash)",
+             "downloaded->staged": "verify bundle + stage"}
+    for row in summary["edgeship"]:
+        share = row["phase_share_of_end_to_end"]
+        parts = ", ".join(f"{names[k]} {share[k]:.0%}" for k in names)
+        print(f"  {row['blocks_in_flight']} x {row['request_kib']} KiB: {parts}  "
+              f"({row['requests']} block requests, {row['retries']} retries)")
+    print()
+    for row in summary["edgeship"]:
+        ratio = row["end_to_end"]["ratio"]
+        verdict = "MET" if row["target_met"] else "NOT MET"
+        print(f"target: edgeship end-to-end >= {summary['target_ratio']:.1f}x raw with "
+              f"{row['blocks_in_flight']} x {row['request_kib']} KiB: {verdict} ({ratio:.2f}x)")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--size-mib", type=int, default=64, help="bundle payload size (random float32 weights)")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions of every row (interleaved)")
+    ap.add_argument("--blocks-in-flight", type=int_list, default=[4], help="comma-separated list (default 4)")
+    ap.add_argument("--request-kib", type=int_list, default=[256], help="comma-separated list (default 256; max 1024)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured raw + edgeship runs first (default 1)")
+    ap.add_argument("--server", choices=["process", "thread"], default="process",
+                    help="edgeship serve as a subprocess (default) or a thread of this process")
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache for the bundle and scratch space")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("-v", "--verbose", action="store_true", help="progress lines on stderr")
+    args = ap.parse_args()
+    if args.repeat < 1 or args.size_mib < 1 or args.warmup < 0:
+        ap.error("--repeat and --size-mib must be at least 1, --warmup at least 0")
+    block_kib = BLOCK_SIZE // KiB
+    if any(k > 1024 or k % block_kib for k in args.request_kib):
+        ap.error(f"--request-kib must be a multiple of the repository's {block_kib} KiB block size, at most 1024 "
+                 "(the protocol's largest request)")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # aiomqtt warns "There are N pending publish calls" past 10 outstanding QoS 1 publishes, which
+    # every run with more than 10 blocks in flight reaches: expected here, not a finding.
+    import aiomqtt  # noqa: F401 - it sets the "mqtt" logger's level when imported: import it first
+
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
+    log = logging.getLogger("bench.transfer")
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    settings = [Setting(blocks_in_flight=b, request_kib=k) for b in args.blocks_in_flight for k in args.request_kib]
+    summary = summarize(run(args, settings, log), args)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_table(summary)
+
+
+if __name__ == "__main__":
+    main()
