@@ -216,3 +216,40 @@ def test_channel_timeout_and_close() -> None:
 
     with pytest.raises(ChannelClosed):
         run(closed())
+
+
+def test_growing_reader_waits_for_checked_blocks_and_stops_on_abort(tmp_path: Path) -> None:
+    import threading
+
+    from agent.download import DownloadAborted, GrowingReader, Progress
+
+    data = payload()
+    target = blocked_target(data)
+    path = tmp_path / "f.part"
+    path.write_bytes(data)
+    progress = Progress(target)
+    reader = GrowingReader(path, progress, len(data))
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(reader.read(3 * 4096)))
+    t.start()
+    progress.mark(1, 2)  # blocks 1-2 present, but not block 0: the prefix is not whole yet
+    t.join(0.2)
+    assert t.is_alive() and progress.whole == 0
+    progress.mark(0, 1)
+    t.join(2)
+    assert got == [data[: 3 * 4096]]
+    blocked = threading.Thread(target=lambda: got.append(reader.read(10 * 4096)))
+    errors: list[BaseException] = []
+
+    def read_rest() -> None:
+        try:
+            reader.read(10 * 4096)
+        except DownloadAborted as e:
+            errors.append(e)
+
+    blocked = threading.Thread(target=read_rest)
+    blocked.start()
+    progress.abort()
+    blocked.join(2)
+    assert errors and not blocked.is_alive()
+    reader.close()
