@@ -74,3 +74,33 @@ class UpdateLimits:
             raise ValueError("UpdateLimits.request_bytes must be at most 1 MiB")
         if self.max_received_ratio < 1:
             raise ValueError("UpdateLimits.max_received_ratio must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchConfig:
+    """The probation of a newly switched release: a fault inside it rolls back to the previous one."""
+
+    inferences: int = 50
+    """Commit after this many inferences without a fault..."""
+    seconds: float = 60.0
+    """...or after this many seconds, whichever comes first."""
+    latency_budget_ms: float = 0.0
+    """An inference slower than this is a fault (0: no budget)."""
+    check_interval: float = 0.2
+    """Seconds between looks at the watch counters."""
+
+    def __post_init__(self) -> None:
+        if self.inferences < 1 or self.seconds <= 0 or self.latency_budget_ms < 0 or self.check_interval <= 0:
+            raise ValueError("watch: inferences >= 1, seconds > 0, latency_budget_ms >= 0, check_interval > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstallConfig:
+    reserve_bytes: int = 16 * MiB
+    """Disk space that must stay free after an install."""
+    threads: int = 1
+    """Runtime threads per model (self-test and serving)."""
+
+    def __post_init__(self) -> None:
+        if self.reserve_bytes < 0 or self.threads < 1:
+            raise ValueError("install: reserve_bytes >= 0 and threads >= 1")

@@ -83,6 +83,13 @@ class SelfTestFailed(ModelError):
     """The golden self-test produced outputs outside the tolerance."""
 
 
+# --- the device itself -----------------------------------------------------
+
+
+class StorageError(EdgeshipError):
+    """The device's own storage failed (disk full, I/O error). The old model serves on; retried later."""
+
+
 # --- a failed link: retry with backoff ------------------------------------
 
 

@@ -35,9 +35,9 @@ import platform
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from agent.config import UpdateLimits
+from agent.config import InstallConfig, UpdateLimits, WatchConfig
 from agent.errors import UsageError
 from agent.manifest import check_name
 from agent.mqtt import BrokerSettings, parse_broker_url
@@ -64,6 +64,8 @@ class AgentConfig:
     reconnect_max: float = 60.0
     protocol: str = "3.1.1"
     limits: UpdateLimits = UpdateLimits()
+    watch: WatchConfig = WatchConfig()
+    install: InstallConfig = InstallConfig()
 
     def __post_init__(self) -> None:
         try:
@@ -81,7 +83,7 @@ class AgentConfig:
 
 
 _TOP = {"device_id", "state_dir", "root", "models", "groups", "refresh_interval", "reconnect_min", "reconnect_max",
-        "protocol", "broker", "device", "limits"}
+        "protocol", "broker", "device", "limits", "watch", "install"}
 _BROKER = {"url", "ca", "cert", "key", "username", "password_env", "keepalive"}
 _DEVICE = {"arch", "accelerators"}
 
@@ -96,6 +98,21 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise UsageError(f"config: {what} must be a list of strings")
     return tuple(value)
+
+
+T = TypeVar("T")
+
+
+def _section(raw: dict[str, Any], name: str, cls: type[T]) -> T:
+    """A [name] table -> the frozen dataclass ``cls``; unknown keys and bad values are UsageErrors."""
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise UsageError(f"config: [{name}] must be a table")
+    _unknown(f"[{name}]", table, {f.name for f in fields(cls)})  # type: ignore[arg-type]
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"config: [{name}]: {e}") from None
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -141,13 +158,9 @@ def parse_config(raw: dict[str, Any], *, base: Path) -> AgentConfig:
     d = raw.get("device", {})
     _unknown("[device]", d, _DEVICE)
     arch = d.get("arch", "auto")
-    lim = raw.get("limits", {})
-    names = {f.name for f in fields(UpdateLimits)}
-    _unknown("[limits]", lim, names)
-    try:
-        limits = UpdateLimits(**lim)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"config: [limits]: {e}") from None
+    limits = _section(raw, "limits", UpdateLimits)
+    watch = _section(raw, "watch", WatchConfig)
+    install = _section(raw, "install", InstallConfig)
     extra: dict[str, Any] = {k: float(raw[k]) for k in ("refresh_interval", "reconnect_min", "reconnect_max")
                              if k in raw}
     return AgentConfig(
@@ -156,5 +169,5 @@ def parse_config(raw: dict[str, Any], *, base: Path) -> AgentConfig:
         groups=_strings(raw.get("groups", []), "groups"),
         machine=platform.machine() if arch == "auto" else str(arch),
         accelerators=frozenset(_strings(d.get("accelerators", []), "device.accelerators")),
-        protocol=str(raw.get("protocol", "3.1.1")), limits=limits, **extra,
+        protocol=str(raw.get("protocol", "3.1.1")), limits=limits, watch=watch, install=install, **extra,
     )

@@ -158,3 +158,17 @@ def tflite_dequantize(path: Path, *, scale: float = 0.05, zero_point: int = -3) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b.to_bytes())
     return path
+
+
+def onnx_sqrt_model(path: Path) -> Path:
+    """``y = sqrt(x)``: finite for x >= 0, NaN for negative inputs. Input ``x`` [batch, 4] float32.
+
+    Its self-test (built from non-negative samples) passes; negative inputs in service emit NaN."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["y"])], "sqrt",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
