@@ -6,6 +6,7 @@ Topics (see docs/protocol.md)::
     edgeship/v1/resp/<device>       server -> device   reply (framed header + body)
     edgeship/v1/hint                server -> all      retained "repository changed"
     edgeship/v1/state/<device>      device -> fleet    retained state
+    edgeship/v1/presence/<device>   device -> fleet    retained online/offline (offline = last will)
     edgeship/v1/telemetry/<device>  device -> fleet
     edgeship/v1/events/<device>     device -> fleet
 
@@ -19,6 +20,7 @@ malformed message raises :class:`ProtocolError` and nothing else.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from dataclasses import dataclass
@@ -81,6 +83,10 @@ def state_topic(device: str) -> str:
     return f"{PREFIX}/state/{check_device_id(device)}"
 
 
+def presence_topic(device: str) -> str:
+    return f"{PREFIX}/presence/{check_device_id(device)}"
+
+
 def telemetry_topic(device: str) -> str:
     return f"{PREFIX}/telemetry/{check_device_id(device)}"
 
@@ -94,6 +100,7 @@ REQ_FILTER = f"{PREFIX}/req/+"
 SHARED_GROUP = "edgeship"
 SHARED_REQ_FILTER = f"$share/{SHARED_GROUP}/{REQ_FILTER}"
 STATE_FILTER = f"{PREFIX}/state/+"
+PRESENCE_FILTER = f"{PREFIX}/presence/+"
 TELEMETRY_FILTER = f"{PREFIX}/telemetry/+"
 EVENTS_FILTER = f"{PREFIX}/events/+"
 
@@ -168,13 +175,18 @@ def _check_id(value: object) -> str:
     return value
 
 
+def _wire_json(obj: dict[str, object]) -> bytes:
+    """Compact ASCII JSON for messages (json's C encoder; files use the canonical safejson.dumps)."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
 def encode_request(req: Request) -> bytes:
     body: dict[str, object] = {"v": PROTOCOL_VERSION, "id": _check_id(req.id), "op": req.op}
     if isinstance(req, MetaRequest):
         body["name"] = check_meta_name(req.name)
     else:
         body.update(path=check_target_path(req.path), offset=req.offset, length=req.length)
-    return safejson.dumps(body)
+    return _wire_json(body)
 
 
 def _loads(data: bytes, limit: int, what: str) -> dict[str, object]:
@@ -236,12 +248,18 @@ class Reply:
             raise ProtocolError("an error reply carries no body")
 
 
+def encode_reply_head(*, id: str, status: Status, length: int, offset: int = 0, total: int = 0,
+                      message: str = "") -> bytes:
+    """The frame of a reply up to its body (magic, header length, header): a server can read a
+    ``length``-byte body straight into a buffer behind it instead of concatenating."""
+    header = _wire_json({"v": PROTOCOL_VERSION, "id": id, "status": status, "message": message[:500],
+                         "offset": offset, "length": length, "total": total})
+    return _HDR.pack(REPLY_MAGIC, len(header)) + header
+
+
 def encode_reply(reply: Reply) -> bytes:
-    header = safejson.dumps({
-        "v": PROTOCOL_VERSION, "id": reply.id, "status": reply.status, "message": reply.message[:500],
-        "offset": reply.offset, "length": len(reply.body), "total": reply.total,
-    })
-    return _HDR.pack(REPLY_MAGIC, len(header)) + header + reply.body
+    return encode_reply_head(id=reply.id, status=reply.status, length=len(reply.body), offset=reply.offset,
+                             total=reply.total, message=reply.message) + reply.body
 
 
 def decode_reply(data: bytes, *, max_body: int = MAX_BLOCK) -> Reply:
@@ -284,7 +302,7 @@ class Hint:
 
 
 def encode_hint(hint: Hint) -> bytes:
-    return safejson.dumps({"v": PROTOCOL_VERSION, "timestamp_version": hint.timestamp_version})
+    return _wire_json({"v": PROTOCOL_VERSION, "timestamp_version": hint.timestamp_version})
 
 
 def decode_hint(data: bytes) -> Hint:

@@ -220,10 +220,11 @@ def inspect(bundle: Path, keys_: tuple[Path, ...], as_json: bool) -> None:
 
 
 def _register() -> None:
+    from packager.fleet_cli import fleet
     from packager.repo_cli import publish, repo
     from packager.serve_cli import serve
 
-    for command in (repo, publish, serve):
+    for command in (repo, publish, serve, fleet):
         cli.add_command(command)
 
 
