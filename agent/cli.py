@@ -10,6 +10,7 @@ import click
 from agent import __version__
 from agent.bundle import describe, opened_bundle
 from agent.cliutil import echo_json, json_option, run_cli
+from agent.errors import UsageError
 from agent.keys import load_public_key
 
 path_in = click.Path(path_type=Path, dir_okay=False)
@@ -76,20 +77,65 @@ def run(config_path: Path, once: bool, log_level: str, as_json: bool) -> None:
 
     rc = asyncio.run(main_loop())
     if once:
-        models: dict[str, dict[str, Any]] = {}
-        for model in config.models:
-            st = agent.model_state(model)
-            models[model] = {"staged": None if st.staged is None else st.staged.__dict__, "last_error": st.last_error}
-        if as_json:
-            echo_json({"device_id": config.device_id, "timestamp_version": agent.status.timestamp_version,
-                       "models": models})
-        else:
-            for model, m in models.items():
-                staged = m["staged"]
-                click.echo(f"{model}: " + (f"staged {staged['version']} ({staged['sha256'][:12]})" if staged
-                                           else "nothing staged"))
+        _print_status(config, agent.store, as_json, timestamp_version=agent.status.timestamp_version)
     if rc:
         raise SystemExit(rc)
+
+
+def _model_summary(st: Any) -> dict[str, Any]:
+    def held(h: Any) -> dict[str, Any] | None:
+        return None if h is None else {"version": h.version, "sha256": h.sha256, "since": h.at}
+
+    return {"status": st.status, "active": held(st.active), "previous": held(st.previous), "staged": held(st.staged),
+            "watch": None if st.watch is None else {"inferences": st.watch.inferences, "seconds": st.watch.seconds,
+                                                    "started": st.watch.started},
+            "last_error": st.last_error, "refused": dict(st.refused)}
+
+
+def _print_status(config: Any, store: Any, as_json: bool, *, timestamp_version: int) -> None:
+    models = {m: _model_summary(store.load(m)) for m in config.models}
+    if as_json:
+        echo_json({"device_id": config.device_id, "state_dir": str(config.state_dir),
+                   "timestamp_version": timestamp_version, "models": models})
+        return
+    click.echo(f"device {config.device_id}  (state {config.state_dir}, trusted timestamp v{timestamp_version})")
+    for name, m in models.items():
+        active = m["active"]
+        line = f"  {name:<16} {m['status']:<12} " + (f"{active['version']} ({active['sha256'][:12]})" if active
+                                                     else "no model installed")
+        if m["previous"]:
+            line += f"  previous {m['previous']['version']}"
+        if m["staged"]:
+            line += f"  staged {m['staged']['version']}"
+        click.echo(line)
+        if m["last_error"]:
+            click.echo(f"  {'':<16} last error: {m['last_error']}")
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=path_in, help="Agent configuration (TOML).")
+@json_option
+def status(config_path: Path, as_json: bool) -> None:
+    """Show this device's models: what serves, what is staged, the last error (reads the state directory)."""
+    from agent.settings import load_config
+    from agent.store import Store
+    from agent.trust import TufClient
+
+    config = load_config(config_path)
+    if not config.state_dir.is_dir():
+        raise UsageError(f"state directory {config.state_dir} does not exist: the agent has not run yet")
+    store = Store(config.state_dir)
+    ts = TufClient(config.state_dir, config.root, config.limits).trusted_timestamp_version()
+    _print_status(config, store, as_json, timestamp_version=ts)
+
+
+def _register() -> None:
+    from agent.serve import infer
+
+    cli.add_command(infer)
+
+
+_register()
 
 
 def main(args: list[str] | None = None) -> None:

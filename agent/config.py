@@ -104,3 +104,18 @@ class InstallConfig:
     def __post_init__(self) -> None:
         if self.reserve_bytes < 0 or self.threads < 1:
             raise ValueError("install: reserve_bytes >= 0 and threads >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Where the inference API listens: loopback TCP by default, or a Unix socket."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    """0 picks a free port (the agent writes the address it got to ``<state_dir>/serve.json``)."""
+    unix_socket: str = ""
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"serve: port {self.port} out of range")

@@ -26,14 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import failpoint, safejson
+from agent.fsutil import write_atomic
 from agent.bundle import verify_stream
-from agent.channel import Channel, ChannelStats
+from agent.channel import Channel, ChannelClosed, ChannelStats
 from agent.download import DownloadStats, GrowingReader, Progress, discard, download, part_path
 from agent.errors import BadData, EdgeshipError, LinkError, ManifestError
 from agent.preflight import check_fit
 from agent.protocol import HINT_TOPIC, MAX_BLOCK, ProtocolError, decode_hint, resp_topic
 from agent.runtime import runtime_version
 from agent.select import DeviceFacts, decide
+from agent.deploy import Deployer, Host
+from agent.reporting import DeviceReporting
 from agent.settings import AgentConfig
 from agent.store import ModelState, Store
 from agent.trust import MqttFetcher, Release, TrustedView, TufClient
@@ -58,7 +62,8 @@ class AgentStatus:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, config: AgentConfig, *, on_event: Callable[[Event], None] | None = None,
+                 host: Host | None = None) -> None:
         self.config = config
         self.store = Store(config.state_dir)
         self.tuf = TufClient(config.state_dir, config.root, config.limits)
@@ -70,12 +75,29 @@ class Agent:
         self._on_event = on_event
         self._wake = asyncio.Event()
         self._random = random.Random()
+        if host is None:
+            from agent.host import ModelHost
+
+            host = ModelHost()
+        self.host = host
+        self.reporting = DeviceReporting(config, self.store, host, self.facts.runtimes)
+        self.deployer = Deployer(self.store, host, facts=self.facts, watch=config.watch, install=config.install,
+                                 emit=self._event)
+        self._started = False
+        self.api_url: str | None = None
+
+    def start(self) -> None:
+        """Clean up after a crash and serve what the state files say (once per process)."""
+        if not self._started:
+            self._started = True
+            self.deployer.start(self.config.models)
 
     # --- events -----------------------------------------------------------
 
     def _event(self, step: str, **fields: Any) -> None:
         ev: Event = {"step": step, **fields}
         log.info("%s %s", step, " ".join(f"{k}={v}" for k, v in fields.items()))
+        self.reporting.event(step, fields)
         if self._on_event is not None:
             self._on_event(ev)
 
@@ -83,7 +105,7 @@ class Agent:
         self.status.last_error = str(exc)
         self.status.last_error_type = type(exc).__name__
         self.status.last_exception = exc
-        self._event("error", error=type(exc).__name__, message=str(exc), **fields)
+        self._event("error", error=type(exc).__name__, detail=str(exc), **fields)
 
     # --- connection -------------------------------------------------------
 
@@ -94,10 +116,42 @@ class Agent:
         from agent.mqtt import make_client
 
         stop = stop or asyncio.Event()
+        self.start()
+        api = self._start_api()
+        watcher = asyncio.ensure_future(self.deployer.watch_loop(self.config.models, stop))
+        telemetry = asyncio.ensure_future(self.reporting.run(stop))
+        try:
+            await self._connect_loop(stop)
+        finally:
+            stop.set()
+            await asyncio.gather(watcher, telemetry, return_exceptions=True)
+            if api is not None:
+                await asyncio.to_thread(api.stop)
+            self.reporting.close()
+
+    def _start_api(self) -> Any:
+        """Start the inference API (agent.serve) on the configured address; record where it listens."""
+        cfg = self.config.serve
+        if not cfg.enabled:
+            return None
+        from agent.serve import InferenceServer
+
+        api = InferenceServer(self.host, host=cfg.host, port=cfg.port,  # type: ignore[arg-type]
+                              unix_socket=Path(cfg.unix_socket) if cfg.unix_socket else None).start()
+        self.api_url = api.url
+        write_atomic(self.config.state_dir / "serve.json", safejson.dumps({"url": api.url}))
+        self._event("serving", url=api.url)
+        return api
+
+    async def _connect_loop(self, stop: asyncio.Event) -> None:
+        import aiomqtt
+
+        from agent.mqtt import make_client
+
         delay = self.config.reconnect_min
         while not stop.is_set():
             client = make_client(self.config.broker, identifier=self.config.device_id,
-                                 protocol=self.config.protocol)  # type: ignore[arg-type]
+                                 protocol=self.config.protocol, will=self.reporting.will())  # type: ignore[arg-type]
             try:
                 async with client:
                     self.status.connected = True
@@ -122,6 +176,7 @@ class Agent:
 
         from agent.mqtt import make_client
 
+        self.start()
         client = make_client(self.config.broker, identifier=self.config.device_id,
                              protocol=self.config.protocol)  # type: ignore[arg-type]
         try:
@@ -133,6 +188,7 @@ class Agent:
                 finally:
                     channel.close()
                     reader.cancel()
+                    self.reporting.close()
                     await asyncio.gather(reader, return_exceptions=True)
         except aiomqtt.MqttError as e:
             raise LinkError(f"broker {self.config.broker.url}: {e}") from None
@@ -141,8 +197,13 @@ class Agent:
         return 0
 
     async def _open_channel(self, client: Any) -> Channel:
+        import aiomqtt
+
         async def publish(topic: str, payload: bytes) -> None:
-            await client.publish(topic, payload, qos=1)
+            try:
+                await client.publish(topic, payload, qos=1)
+            except aiomqtt.MqttError as e:  # the link is gone: a LinkError, retried after reconnecting
+                raise ChannelClosed(f"publish failed: {e}") from None
 
         channel = Channel(self.config.device_id, publish, max_body=MAX_BLOCK)
         self.status.channels.append(channel.stats)
@@ -153,18 +214,23 @@ class Agent:
     async def _session(self, client: Any, stop: asyncio.Event) -> None:
         channel = await self._open_channel(client)
         reader = asyncio.ensure_future(self._read(client, channel))
+        await self.reporting.connected(client)
+        reports = asyncio.ensure_future(self.reporting.session(client))
         updater = asyncio.ensure_future(self._update_loop(channel, stop))
         stopper = asyncio.ensure_future(stop.wait())
+        tasks = (reader, reports, updater, stopper)
         try:
-            done, _ = await asyncio.wait({reader, updater, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t is not stopper and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+            if stop.is_set():
+                await self.reporting.going_offline(client)
         finally:
             channel.close()
-            for t in (reader, updater, stopper):
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(reader, updater, stopper, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read(self, client: Any, channel: Channel) -> None:
         own = resp_topic(self.config.device_id)
@@ -225,6 +291,7 @@ class Agent:
         for model in self.config.models:
             try:
                 await self._update_model(channel, view, model)
+                await self.deployer.install(model, view.release_keys)
             except EdgeshipError as e:
                 failure = failure or e
                 self.store.note_error(self.store.load(model), f"{type(e).__name__}: {e}")
@@ -239,8 +306,7 @@ class Agent:
 
     async def _update_model(self, channel: Channel, view: TrustedView, model: str) -> None:
         state = self.store.load(model)
-        current = (state.staged.version, state.staged.sha256) if state.staged else None
-        decision = decide(view.releases, model=model, facts=self.facts, current=current, seen=state.seen,
+        decision = decide(view.releases, model=model, facts=self.facts, current=state.held(), seen=state.seen,
                           refused=frozenset(state.refused))
         if decision.action != "fetch":
             log.debug("%s: %s", model, decision.action)
@@ -272,6 +338,7 @@ class Agent:
             discard(self.store.downloads, rel.target)
             self.store.refuse(state, rel.target.sha256, f"{type(e).__name__}: {e}")
             raise
+        failpoint.hit("verify.done")
         self.store.stage(state, version=rel.version, sha256=rel.target.sha256, verified_file=part)
         self._event("staged", model=model, version=rel.version, sha256=rel.target.sha256)
 

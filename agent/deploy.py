@@ -32,11 +32,16 @@ log = logging.getLogger(__name__)
 
 
 class Counters(Protocol):
-    sha256: str
-    inferences: int
-    errors: int
-    nonfinite: int
-    over_budget: int
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def inferences(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def nonfinite(self) -> int: ...
+    @property
+    def over_budget(self) -> int: ...
 
 
 class Host(Protocol):
@@ -145,7 +150,7 @@ class Deployer:
         failpoint.hit("switch.after")
         self._emit("installed", model=model, version=release.version, sha256=release.sha256)
         try:
-            self._activate(state, release)
+            await asyncio.to_thread(self._activate, state, release)  # loading a model can take seconds
         except (EdgeshipError, OSError) as e:
             self._rollback(state, f"cannot load: {e}")
             return

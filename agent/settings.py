@@ -37,11 +37,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.config import InstallConfig, UpdateLimits, WatchConfig
+from agent.config import InstallConfig, ServeConfig, UpdateLimits, WatchConfig
 from agent.errors import UsageError
 from agent.manifest import check_name
 from agent.mqtt import BrokerSettings, parse_broker_url
 from agent.protocol import ProtocolError, check_device_id
+from agent.telemetry import TelemetryConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +67,8 @@ class AgentConfig:
     limits: UpdateLimits = UpdateLimits()
     watch: WatchConfig = WatchConfig()
     install: InstallConfig = InstallConfig()
+    serve: ServeConfig = ServeConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     def __post_init__(self) -> None:
         try:
@@ -83,7 +86,7 @@ class AgentConfig:
 
 
 _TOP = {"device_id", "state_dir", "root", "models", "groups", "refresh_interval", "reconnect_min", "reconnect_max",
-        "protocol", "broker", "device", "limits", "watch", "install"}
+        "protocol", "broker", "device", "limits", "watch", "install", "serve", "telemetry"}
 _BROKER = {"url", "ca", "cert", "key", "username", "password_env", "keepalive"}
 _DEVICE = {"arch", "accelerators"}
 
@@ -161,6 +164,10 @@ def parse_config(raw: dict[str, Any], *, base: Path) -> AgentConfig:
     limits = _section(raw, "limits", UpdateLimits)
     watch = _section(raw, "watch", WatchConfig)
     install = _section(raw, "install", InstallConfig)
+    serve = _section(raw, "serve", ServeConfig)
+    telemetry = _section(raw, "telemetry", TelemetryConfig)
+    if serve.unix_socket:
+        serve = ServeConfig(**{**serve.__dict__, "unix_socket": str(path(serve.unix_socket, "serve.unix_socket"))})
     extra: dict[str, Any] = {k: float(raw[k]) for k in ("refresh_interval", "reconnect_min", "reconnect_max")
                              if k in raw}
     return AgentConfig(
@@ -169,5 +176,6 @@ def parse_config(raw: dict[str, Any], *, base: Path) -> AgentConfig:
         groups=_strings(raw.get("groups", []), "groups"),
         machine=platform.machine() if arch == "auto" else str(arch),
         accelerators=frozenset(_strings(d.get("accelerators", []), "device.accelerators")),
-        protocol=str(raw.get("protocol", "3.1.1")), limits=limits, watch=watch, install=install, **extra,
+        protocol=str(raw.get("protocol", "3.1.1")), limits=limits, watch=watch, install=install, serve=serve,
+        telemetry=telemetry, **extra,
     )

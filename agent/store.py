@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from agent import safejson
+from agent import failpoint, safejson
 from agent.errors import JsonError
 from agent.fsutil import fsync_dir, write_atomic
 from agent.manifest import check_name
@@ -78,9 +78,14 @@ class ModelState:
             return self.outcome
         return "none" if self.active is None else "active"
 
+    @property
+    def current(self) -> Held | None:
+        """The newest release the device holds: staged (waiting to install), else active."""
+        return self.staged or self.active
+
     def held(self) -> tuple[str, str] | None:
-        """(version, sha256) of the newest release the device holds: staged, else active."""
-        h = self.staged or self.active
+        """(version, sha256) of :attr:`current`."""
+        h = self.current
         return None if h is None else (h.version, h.sha256)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +163,7 @@ class Store:
             for h in (st.active, st.previous):
                 if h is not None:
                     keep_releases.add(h.sha256)
-        for d in (self.models, self.bundles, self.releases):
+        for d in (self.models, self.bundles, self.releases, self.downloads):
             for stale in d.glob(".*"):
                 _remove(stale)
                 removed.append(str(stale.relative_to(self.root)))
@@ -183,6 +188,7 @@ class Store:
         dest = self.bundle_path(sha256)
         verified_file.replace(dest)
         fsync_dir(self.bundles)
+        failpoint.hit("stage.moved")
         old = state.staged
         new = replace(state, staged=Held(version=version, sha256=sha256, at=now_iso()),
                       seen={**state.seen, version: sha256}, last_error=None)

@@ -75,7 +75,7 @@ class Device:
             async with running_server(self.repo, self.broker.url):
                 await Agent(self.config).run_once()
         asyncio.run(go())
-        assert self.agent().model_state("mlp").staged.version == "1.0.0"  # type: ignore[union-attr]
+        assert self.agent().model_state("mlp").current.version == "1.0.0"  # type: ignore[union-attr]
 
     def agent(self) -> Agent:
         return Agent(self.config)
@@ -108,7 +108,7 @@ def refused(device: Device, tamper: Callable[..., list[tuple[str, bytes]]] | Non
     assert held_state(device.state) == held, "the device's bundles or model records changed under attack"
     if metadata_unchanged:
         assert trusted_snapshot(device.state) == trusted, "trusted metadata changed under attack"
-    assert agent.model_state("mlp").staged.version == "1.0.0"  # type: ignore[union-attr]
+    assert agent.model_state("mlp").current.version == "1.0.0"  # type: ignore[union-attr]
     if isinstance(exc, (BlockRejected, LinkError)):  # reported on the model's record
         assert type(exc).__name__ in (agent.model_state("mlp").last_error or "")
     return agent, exc
@@ -147,7 +147,7 @@ def device(broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str,
 
 def test_honest_path_for_comparison(device: Device) -> None:
     agent, evil, exc = device.attacked(None)
-    assert exc is None and agent.model_state("mlp").staged.version == "1.1.0"  # type: ignore[union-attr]
+    assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     assert len(evil.block_offsets()) >= 4  # a multi-block bundle
 
 
@@ -182,7 +182,7 @@ def test_duplicated_blocks_are_harmless(device: Device) -> None:
         return [(resp_topic(device_id), reply)] * 2
 
     agent, _, exc = device.attacked(twice)
-    assert exc is None and agent.model_state("mlp").staged.version == "1.1.0"  # type: ignore[union-attr]
+    assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     assert sum(c.unmatched for c in agent.status.channels) > 0  # the duplicates were dropped, not used twice
 
 
@@ -191,7 +191,7 @@ def test_out_of_order_blocks_are_harmless(device: Device) -> None:
         return 0.4 - req.offset / (4 << 20) if isinstance(req, BlockRequest) else 0.0
 
     agent, evil, exc = device.attacked(None, reply_delay=later_first)  # type: ignore[arg-type]
-    assert exc is None and agent.model_state("mlp").staged.version == "1.1.0"  # type: ignore[union-attr]
+    assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     asked = [r.offset for _, r in evil.requests if isinstance(r, BlockRequest)]
     answered = [r.offset for r in evil.answered if isinstance(r, BlockRequest)]
     assert sorted(asked) == sorted(answered) and answered != asked  # replies overtook each other
@@ -214,7 +214,7 @@ def test_replies_addressed_to_another_device_are_ignored(broker_module: Broker, 
             await asyncio.gather(*(a.run_once() for a in agents))
     asyncio.run(go())
     for a in agents:
-        assert a.model_state("mlp").staged.version == "1.1.0"  # type: ignore[union-attr]
+        assert a.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
         assert sum(c.unmatched for c in a.status.channels) > 0
 
 
@@ -228,7 +228,7 @@ def test_malformed_messages_are_dropped(device: Device) -> None:
         await publish_raw(device.config.broker, HINT_TOPIC, b"not a hint", retain=True)
     asyncio.run(bad_hint())
     agent, _, exc = device.attacked(tamper)
-    assert exc is None and agent.model_state("mlp").staged.version == "1.1.0"  # type: ignore[union-attr]
+    assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     assert sum(c.malformed for c in agent.status.channels) >= len(junk)
 
 
@@ -245,12 +245,12 @@ def test_oversize_metadata(device: Device) -> None:
 
 def test_replayed_older_metadata_is_a_rollback(device: Device) -> None:
     agent, _, exc = device.attacked(None)  # the device moves on to the newer timestamp
-    assert exc is None and agent.model_state("mlp").staged.version == "1.1.0"  # type: ignore[union-attr]
+    assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     before = trusted_snapshot(device.state)
     agent, _, exc = device.attacked(on_meta("timestamp.json", lambda b: device.stale_timestamp))
     assert isinstance(exc, MetadataVersionError)
     assert trusted_snapshot(device.state) == before
-    assert agent.model_state("mlp").staged.version == "1.1.0"  # type: ignore[union-attr]
+    assert agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
 
 
 def test_snapshot_targets_mix_and_match(device: Device) -> None:
@@ -291,7 +291,7 @@ def test_unknown_signer_is_refused_for_good(broker_module: Broker, repo: Path, t
     agent, _, exc = d.attacked(None)
     assert isinstance(exc, UntrustedSigner)
     state = agent.model_state("mlp")
-    assert state.staged.version == "1.0.0"  # type: ignore[union-attr]
+    assert state.current.version == "1.0.0"  # type: ignore[union-attr]
     assert any("UntrustedSigner" in r for r in state.refused.values())
     after = {k: v for k, v in trusted_snapshot(d.state).items() if not k.startswith(("tuf/", "models/"))}
     assert after == {k: v for k, v in before.items() if not k.startswith("models/")}
@@ -319,5 +319,5 @@ def test_same_version_with_new_content_is_refused(broker_module: Broker, repo: P
     assert isinstance(exc, VersionConflict)
     assert {k: v for k, v in trusted_snapshot(d.state).items() if not k.startswith(("tuf/", "models/"))} == \
         {k: v for k, v in before.items() if not k.startswith("models/")}
-    assert agent.model_state("mlp").staged.version == "1.0.0"  # type: ignore[union-attr]
+    assert agent.model_state("mlp").current.version == "1.0.0"  # type: ignore[union-attr]
     assert not evil.block_offsets()  # refused before a single block was fetched

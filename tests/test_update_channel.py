@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,13 @@ def root_of(repo: Path) -> Path:
 
 
 def staged(agent: Agent, model: str = "mlp") -> str | None:
-    s = agent.model_state(model).staged
+    s = agent.model_state(model).current
     return None if s is None else s.version
 
 
 def test_fresh_device_stages_then_follows_a_newer_release(broker_module: Broker, repo: Path, tmp_path: Path,
                                                           bundles: dict[str, Path]) -> None:
-    cfg = agent_config(broker_module.url, tmp_path / "state", root_of(repo))
+    cfg = agent_config(broker_module.url, tmp_path / "state", root_of(repo), watch={"seconds": 0.3})
     events: list[dict[str, Any]] = []
 
     async def scenario() -> Agent:
@@ -51,16 +52,16 @@ def test_fresh_device_stages_then_follows_a_newer_release(broker_module: Broker,
                 await wait_for(lambda: staged(agent) == "1.0.0", what="v1 staged")
                 publish(repo, bundles["1.1.0"], now=now())
                 await wait_for(lambda: staged(agent) == "1.1.0", what="v1.1 staged after the hint")
+                await wait_for(lambda: agent.model_state("mlp").status == "active", what="v1.1 committed")
                 return agent
 
     agent = asyncio.run(scenario())
     state = agent.model_state("mlp")
     assert state.seen.keys() == {"1.0.0", "1.1.0"}
-    bundle = tmp_path / "state" / "bundles" / f"{state.staged.sha256}.edge"  # type: ignore[union-attr]
-    assert bundle.read_bytes() == bundles["1.1.0"].read_bytes()
-    assert not (tmp_path / "state" / "bundles" / f"{state.seen['1.0.0']}.edge").exists()  # superseded, removed
+    assert state.current.sha256 == hashlib.sha256(bundles["1.1.0"].read_bytes()).hexdigest()  # type: ignore[union-attr]
+    assert (tmp_path / "state" / "releases" / state.current.sha256 / "model.onnx").is_file()  # type: ignore[union-attr]
     steps = [e["step"] for e in events]
-    assert steps.count("staged") == 2 and "error" not in steps
+    assert steps.count("staged") == 2 and steps.count("installed") == 2 and "error" not in steps
     # the hint woke it: far fewer cycles than a poll would need, and refresh_interval is 30 s
     assert agent.status.cycles <= 4
 
@@ -111,7 +112,7 @@ def test_agent_cli_run_once(broker_module: Broker, repo: Path, tmp_path: Path) -
         t.join()
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert doc["models"]["mlp"]["staged"]["version"] == "1.0.0" and doc["timestamp_version"] >= 2
+    assert doc["models"]["mlp"]["active"]["version"] == "1.0.0" and doc["timestamp_version"] >= 2
 
     bad = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(tmp_path / "nope.toml")],
                          capture_output=True, text=True, timeout=60)

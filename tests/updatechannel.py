@@ -42,6 +42,7 @@ def agent_config(broker_url: str, state: Path, root: Path, *, device: str = "dev
         "refresh_interval": 30, "reconnect_min": 0.1, "reconnect_max": 0.5,
         "broker": {"url": broker_url},
         "limits": {"request_timeout": 2, "request_retries": 3, **(limits or {})},
+        "serve": {"port": 0},
         **top,
     }
     return parse_config(raw, base=state.parent)
@@ -183,8 +184,7 @@ async def running_agent(config: AgentConfig, events: list[dict[str, Any]] | None
         yield agent
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 10)  # an agent that died early re-raises its error here
 
 
 __all__ = ["Agent", "EvilServer", "aiomqtt", "agent_config", "held_state", "now", "publish_raw", "running_agent",
