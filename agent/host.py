@@ -185,7 +185,7 @@ class _Activation:
         self.checks = [(s.name, np.dtype(s.dtype), *_shape_check(s.shape), s) for s in info.inputs]
         self.output_names = [s.name for s in info.outputs]
         self.float_outputs = [(s.name, s.dtype != "float64") for s in info.outputs if s.dtype.startswith("float")]
-        self.run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] = session._run  # noqa: SLF001
+        self.run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] = session.prepared_runner()
         # Feeds are validated here, once; Session.run would validate them again, so the host calls
         # the backend's _run directly and wraps its foreign errors the way Session.run does.
 

@@ -26,7 +26,7 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -202,6 +202,11 @@ class Session(ABC):
     def _run(self, feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """Run on validated, contiguous feeds; return at least every declared output by name."""
 
+    def prepared_runner(self) -> Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]:
+        """The backend call without :meth:`run`'s checks, for a caller that already checked the feeds
+        (names, dtypes, shapes) against :attr:`inputs` and wraps the backend's own errors."""
+        return self._run
+
     def close(self) -> None:
         """Release the runtime's resources. Idempotent."""
         if not self._closed:
@@ -309,12 +314,12 @@ class _TFLiteSession(Session):
         self._in_index = {n: int(d["index"]) for n, d in in_details}
         self._out_index = {n: int(d["index"]) for n, d in out_details}
         self._shapes = {n: tuple(int(x) for x in d["shape"]) for n, d in in_details}
+        # The signature gave the names; set_tensor/invoke/get_tensor on its (primary) subgraph's
+        # indices are faster than the runner (measured 7.7 against 9.0 us per call on digits).
+        self._runner = None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         with self._lock:
-            if self._runner is not None:
-                # The runner resizes and re-allocates only when a shape changed; outputs are copies.
-                return cast(Mapping[str, np.ndarray], self._runner(**feeds))
             it = self._interpreter
             resized = False
             for name, value in feeds.items():
@@ -355,8 +360,7 @@ def _open_tflite(path: Path, threads: int) -> Session:
         raise
     except Exception as exc:
         raise ModelError(f"cannot load {path} with {backend}: {_reason(exc)}") from exc
-    log.debug("opened %s with %s, %d thread(s), signature runner: %s",
-              path, backend, threads, session._runner is not None)
+    log.debug("opened %s with %s, %d thread(s)", path, backend, threads)
     return session
 
 
