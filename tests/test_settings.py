@@ -68,3 +68,12 @@ def test_password_never_in_repr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     cfg = load_config(write(tmp_path, BASE + 'username = "u"\npassword_env = "EDGESHIP_T_PW"\n'))
     assert cfg.broker.password == "hunter2"
     assert "hunter2" not in repr(cfg)
+
+
+def test_systemd_example_config_parses_and_unit_runs_the_agent() -> None:
+    root = Path(__file__).resolve().parents[1] / "examples" / "systemd"
+    cfg = load_config(root / "agent.toml")
+    assert cfg.state_dir == Path("/var/lib/edgeship") and cfg.serve.host == "127.0.0.1"
+    unit = (root / "edgeship-agent.service").read_text()
+    assert "Restart=always" in unit and "StateDirectory=edgeship" in unit
+    assert "edgeship-agent run --config /etc/edgeship/agent.toml" in unit
