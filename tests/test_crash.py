@@ -185,6 +185,10 @@ def test_kill_at_each_step_then_restart_serves_a_whole_model(world: dict[str, An
         first = served_version(url, world)  # at once, a whole model: the old or the new one
         assert first in ("1.0.0", "1.1.0")
         st = wait_state(again.state, lambda s: s.active is not None and s.active.version == "1.1.0")
+        deadline = time.monotonic() + 20  # the state file switches first, then the host loads the model
+        while served_version(url, world) != "1.1.0":
+            assert time.monotonic() < deadline, "the new model never served"
+            time.sleep(0.05)
         for _ in range(4):
             assert served_version(url, world) == "1.1.0"
         st = wait_state(again.state, lambda s: s.status == "active")
