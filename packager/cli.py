@@ -220,11 +220,12 @@ def inspect(bundle: Path, keys_: tuple[Path, ...], as_json: bool) -> None:
 
 
 def _register() -> None:
+    from packager.demo_cli import demo
     from packager.fleet_cli import fleet
     from packager.repo_cli import publish, repo
     from packager.serve_cli import serve
 
-    for command in (repo, publish, serve, fleet):
+    for command in (repo, publish, serve, fleet, demo):
         cli.add_command(command)
 
 
