@@ -1,10 +1,15 @@
 """Request/response over MQTT: one :class:`Channel` per device connection.
 
-The channel publishes a request on the device's own request topic and waits
-for the reply with the same random id on the device's own reply topic. It
-knows nothing about MQTT beyond an injected ``publish`` coroutine, so the pure
-logic is testable with an in-memory fake and the real adapter (aiomqtt) plugs in
-unchanged.
+The channel publishes a request on the device's own request topic and hands
+the reply with the same random id, from the device's own reply topic, to
+whoever asked. It knows nothing about MQTT beyond an injected ``publish``
+coroutine (and, optionally, a ``send`` function that publishes without
+waiting), so the pure logic is testable with an in-memory fake and the real
+adapter (aiomqtt, or paho under it) plugs in unchanged.
+
+Two ways to ask: ``await request(...)`` for one reply, or ``submit(...)``
+with callbacks, which the block download uses to keep many requests in flight
+without a task or a future per request.
 
 A reply that is malformed, answers no pending request (an unknown id: a reply
 meant for another device, a late duplicate, a forgery) or comes twice is
@@ -25,6 +30,10 @@ from agent.protocol import BlockRequest, MetaRequest, ProtocolError, Reply, deco
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+Send = Callable[[str, bytes], None]
+"""Publish without waiting for the broker; raises LinkError if the connection cannot take it."""
+OnReply = Callable[[Reply], None]
+OnError = Callable[[LinkError], None]
 
 
 class RequestTimeout(LinkError):
@@ -47,12 +56,13 @@ class ChannelStats:
 
 
 class Channel:
-    def __init__(self, device: str, publish: Publish, *, max_body: int) -> None:
+    def __init__(self, device: str, publish: Publish, *, max_body: int, send: Send | None = None) -> None:
         self.device = device
         self._topic = req_topic(device)
         self._publish = publish
+        self._send = send
         self._max_body = max_body
-        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._pending: dict[str, tuple[OnReply, OnError, asyncio.TimerHandle]] = {}
         self.stats = ChannelStats()
 
     @staticmethod
@@ -68,30 +78,81 @@ class Channel:
             self.stats.malformed += 1
             log.debug("dropped malformed reply: %s", e)
             return
-        fut = self._pending.pop(reply.id, None)
-        if fut is None or fut.done():
+        pending = self._pending.pop(reply.id, None)
+        if pending is None:
             self.stats.unmatched += 1
             log.debug("dropped reply %s: no pending request has that id", reply.id)
             return
+        on_reply, _, timer = pending
+        timer.cancel()
         self.stats.replies += 1
-        fut.set_result(reply)
+        on_reply(reply)
 
     async def request(self, req: MetaRequest | BlockRequest, *, timeout: float) -> Reply:
+        """Publish ``req`` and wait for its reply (RequestTimeout, ChannelClosed)."""
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[req.id] = fut
-        self.stats.requests += 1
+
+        def on_reply(reply: Reply) -> None:
+            if not fut.done():
+                fut.set_result(reply)
+
+        def on_error(err: LinkError) -> None:
+            if not fut.done():
+                fut.set_exception(err)
+
+        self._expect(req, timeout, on_reply, on_error)
         try:
             await self._publish(self._topic, encode_request(req))
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            self.stats.timeouts += 1
-            raise RequestTimeout(f"no reply to {req.op} request within {timeout:g} s") from None
+            return await fut
         finally:
-            self._pending.pop(req.id, None)
+            self.cancel(req.id)
+
+    def submit(self, req: MetaRequest | BlockRequest, *, timeout: float, on_reply: OnReply, on_error: OnError) -> None:
+        """Publish ``req`` without waiting. Exactly one callback runs, once: ``on_reply`` from
+        :meth:`deliver`, or ``on_error`` (RequestTimeout after ``timeout`` seconds, ChannelClosed).
+        Neither may raise: they run inside whoever feeds the channel."""
+        self._expect(req, timeout, on_reply, on_error)
+        payload = encode_request(req)
+        if self._send is not None:
+            try:
+                self._send(self._topic, payload)
+            except LinkError as e:
+                self._fail(req.id, e)
+            return
+        task = asyncio.ensure_future(self._publish(self._topic, payload))
+        task.add_done_callback(lambda t: self._published(req.id, t))
+
+    def cancel(self, req_id: str) -> None:
+        """Forget a pending request: its reply, if one comes, is dropped as unmatched."""
+        pending = self._pending.pop(req_id, None)
+        if pending is not None:
+            pending[2].cancel()
 
     def close(self, reason: str = "connection lost") -> None:
         """Fail every pending request (the connection dropped)."""
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(ChannelClosed(reason))
+        for _, on_error, timer in pending.values():
+            timer.cancel()
+            on_error(ChannelClosed(reason))
+
+    def _expect(self, req: MetaRequest | BlockRequest, timeout: float, on_reply: OnReply, on_error: OnError) -> None:
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire, req, timeout)
+        self._pending[req.id] = (on_reply, on_error, timer)
+        self.stats.requests += 1
+
+    def _expire(self, req: MetaRequest | BlockRequest, timeout: float) -> None:
+        if req.id in self._pending:
+            self.stats.timeouts += 1
+            self._fail(req.id, RequestTimeout(f"no reply to {req.op} request within {timeout:g} s"))
+
+    def _published(self, req_id: str, task: asyncio.Future[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self._fail(req_id, error if isinstance(error, LinkError) else
+                       ChannelClosed(f"request not published: {error!r}"))
+
+    def _fail(self, req_id: str, err: LinkError) -> None:
+        pending = self._pending.pop(req_id, None)
+        if pending is not None:
+            pending[2].cancel()
+            pending[1](err)

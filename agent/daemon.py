@@ -29,9 +29,10 @@ from typing import Any
 from agent import failpoint, safejson
 from agent.fsutil import write_atomic
 from agent.bundle import verify_stream
-from agent.channel import Channel, ChannelClosed, ChannelStats
+from agent.channel import Channel, ChannelStats
 from agent.download import DownloadStats, GrowingReader, Progress, discard, download, part_path
 from agent.errors import BadData, EdgeshipError, LinkError, ManifestError
+from agent.mqtt import device_channel
 from agent.preflight import check_fit
 from agent.protocol import HINT_TOPIC, MAX_BLOCK, ProtocolError, decode_hint, resp_topic
 from agent.runtime import runtime_version
@@ -85,6 +86,7 @@ class Agent:
                                  emit=self._event)
         self._started = False
         self.api_url: str | None = None
+        self._link_lost = asyncio.Event()
 
     def start(self) -> None:
         """Clean up after a crash and serve what the state files say (once per process)."""
@@ -158,7 +160,7 @@ class Agent:
                     delay = self.config.reconnect_min
                     self._event("connected", broker=self.config.broker.url)
                     await self._session(client, stop)
-            except aiomqtt.MqttError as e:
+            except (aiomqtt.MqttError, LinkError) as e:
                 log.warning("broker connection lost or refused: %s", e)
             finally:
                 self.status.connected = False
@@ -197,15 +199,10 @@ class Agent:
         return 0
 
     async def _open_channel(self, client: Any) -> Channel:
-        import aiomqtt
-
-        async def publish(topic: str, payload: bytes) -> None:
-            try:
-                await client.publish(topic, payload, qos=1)
-            except aiomqtt.MqttError as e:  # the link is gone: a LinkError, retried after reconnecting
-                raise ChannelClosed(f"publish failed: {e}") from None
-
-        channel = Channel(self.config.device_id, publish, max_body=MAX_BLOCK)
+        lost = self._link_lost = asyncio.Event()
+        # A publish on a dead link ends the session: reconnect, resume. Replies reach the channel
+        # as paho reads them (agent.mqtt.device_channel); hints still arrive through _read.
+        channel = device_channel(client, self.config.device_id, max_body=MAX_BLOCK, on_link_lost=lost.set)
         self.status.channels.append(channel.stats)
         await client.subscribe(resp_topic(self.config.device_id), qos=1)
         await client.subscribe(HINT_TOPIC, qos=1)
@@ -218,12 +215,16 @@ class Agent:
         reports = asyncio.ensure_future(self.reporting.session(client))
         updater = asyncio.ensure_future(self._update_loop(channel, stop))
         stopper = asyncio.ensure_future(stop.wait())
-        tasks = (reader, reports, updater, stopper)
+        lost = asyncio.ensure_future(self._link_lost.wait())
+        tasks = (reader, reports, updater, stopper, lost)
         try:
             done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t is not stopper and t.exception() is not None:
+                if t is not stopper and t is not lost and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+            if lost in done:
+                log.debug("session: a publish failed, ending the session")
+                raise LinkError("the broker connection was lost")
             if stop.is_set():
                 await self.reporting.going_offline(client)
         finally:
@@ -231,6 +232,7 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            log.debug("session ended")
 
     async def _read(self, client: Any, channel: Channel) -> None:
         own = resp_topic(self.config.device_id)

@@ -1,8 +1,10 @@
 """Resumable, pipelined bundle download, every block checked against what TUF signed.
 
 The repository signs, for each bundle, the SHA-256 of every ``block_size``
-slice (see docs/protocol.md). Blocks are requested a few at a time, checked
-on arrival, written in place into ``<sha256>.part`` and remembered in
+slice (see docs/protocol.md). Blocks are requested ``blocks_in_flight`` at a
+time; each reply is checked and written in place into ``<sha256>.part`` as the
+channel delivers it (no task, future or thread hop per block: per-message
+Python work is what limits throughput) and remembered in
 ``<sha256>.record.json``. After a reconnect or a restart the record says which
 blocks are already here; they are hashed again (a power cut may have lost a
 write the record claimed) and only the missing ones are asked for.
@@ -23,15 +25,16 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import safejson
-from agent.channel import Channel, ChannelClosed, RequestTimeout
+from agent import failpoint, safejson
+from agent.channel import Channel, ChannelClosed
 from agent.config import UpdateLimits
 from agent.errors import BlockRejected, DownloadTimeout, JsonError, LimitExceeded, LinkError
 from agent.fsutil import write_atomic
-from agent.protocol import MAX_BLOCK, BlockRequest
+from agent.protocol import MAX_BLOCK, BlockRequest, Reply
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +182,21 @@ class _Record:
         self._dirty = True
 
     def flush(self, part_fd: int) -> None:
+        """Persist the blocks done so far. May run in a thread while the event loop adds blocks:
+        the snapshot is taken (and the record marked clean) first, so a block added meanwhile
+        leaves it dirty for the next flush instead of being lost from the record."""
         if not self._dirty:
             return
-        os.fsync(part_fd)  # the blocks first, then the record that vouches for them
-        t = self.target
-        data = safejson.dumps({"format": RECORD_FORMAT, "path": t.path, "sha256": t.sha256, "length": t.length,
-                               "block_size": t.block_size, "done": sorted(self.done)})
-        write_atomic(self.path, data)
         self._dirty = False
+        done = sorted(self.done)  # each of these was written before it was added
+        try:
+            os.fsync(part_fd)  # the blocks first, then the record that vouches for them
+            t = self.target
+            write_atomic(self.path, safejson.dumps({"format": RECORD_FORMAT, "path": t.path, "sha256": t.sha256,
+                                                    "length": t.length, "block_size": t.block_size, "done": done}))
+        except BaseException:
+            self._dirty = True
+            raise
 
 
 def _check_block(target: BlockedTarget, index: int, data: bytes | memoryview) -> bool:
@@ -241,119 +251,206 @@ async def download(
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(fd, target.length)
-        for index in sorted(record.load()):
-            offset, size = target.span(index)
-            if _check_block(target, index, os.pread(fd, size, offset)):
-                record.done.add(index)
-            else:
-                log.info("block %d of %s did not survive (re-fetching it)", index, target.path)
-        stats.blocks_total = target.blocks
-        stats.blocks_resumed = len(record.done)
-        if progress is not None:
-            for index in record.done:
-                progress.mark(index, 1)
-        if record.done:
-            log.info("resuming %s: %d of %d blocks already here", target.path, len(record.done), target.blocks)
+        _resume(target, fd, record, stats, progress)
         try:
-            await asyncio.wait_for(_fetch_missing(channel, target, fd, record, limits, stats, progress),
-                                   limits.download_deadline)
-        except asyncio.TimeoutError:
-            raise DownloadTimeout(f"{target.path}: download did not finish within "
-                                  f"{limits.download_deadline:g} s") from None
-        finally:
-            record.flush(fd)
+            await _Blocks(channel, target, fd, record, limits, stats, progress).fetch()
+        except BaseException:
+            record.flush(fd)  # what arrived is kept: the next attempt resumes from it
+            raise
+        # Every block matched the hash TUF signed for it, so the file is whole (the caller checks
+        # the file's own SHA-256 in the same pass that verifies the bundle). It must be on disk
+        # before it is staged; the record that would resume it is not needed any more.
+        os.fsync(fd)
     finally:
         os.close(fd)
-    # Every block matched the hash TUF signed for it, so the file is whole; the caller checks the file's
-    # own SHA-256 in the same pass that verifies the bundle.
     record.path.unlink(missing_ok=True)
     return part
 
 
-async def _fetch_missing(channel: Channel, target: BlockedTarget, fd: int, record: _Record,
-                         limits: UpdateLimits, stats: DownloadStats, progress: Progress | None) -> None:
-    per_request = max(1, limits.request_bytes // target.block_size)
-    missing = [i for i in range(target.blocks) if i not in record.done]
-    # Group runs of consecutive missing blocks into requests of up to `per_request` blocks.
+def _resume(target: BlockedTarget, fd: int, record: _Record, stats: DownloadStats, progress: Progress | None) -> None:
+    """Take over the blocks the record vouches for that still hash right."""
+    for index in sorted(record.load()):
+        offset, size = target.span(index)
+        if _check_block(target, index, os.pread(fd, size, offset)):
+            record.done.add(index)
+        else:
+            log.info("block %d of %s did not survive (re-fetching it)", index, target.path)
+    stats.blocks_total = target.blocks
+    stats.blocks_resumed = len(record.done)
+    if progress is not None:
+        for index in record.done:
+            progress.mark(index, 1)
+    if record.done:
+        log.info("resuming %s: %d of %d blocks already here", target.path, len(record.done), target.blocks)
+
+
+def _spans(target: BlockedTarget, done: set[int], per_request: int) -> list[tuple[int, int]]:
+    """Runs of consecutive missing blocks, cut into requests of up to ``per_request`` blocks."""
     spans: list[tuple[int, int]] = []
-    for i in missing:
+    for i in range(target.blocks):
+        if i in done:
+            continue
         if spans and spans[-1][0] + spans[-1][1] == i and spans[-1][1] < per_request:
             spans[-1] = (spans[-1][0], spans[-1][1] + 1)
         else:
             spans.append((i, 1))
-    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    for s in spans:
-        queue.put_nowait(s)
-    received_cap = int(target.length * limits.max_received_ratio) + MAX_BLOCK
-    bytes_at_start = channel.stats.bytes_in
-    last_flush = time.monotonic()
-
-    async def worker() -> None:
-        nonlocal last_flush
-        while True:
-            try:
-                first, count = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            offset = first * target.block_size
-            end = min(target.length, (first + count) * target.block_size)
-            body = await _request_span(channel, target, offset, end - offset, limits, stats)
-            if channel.stats.bytes_in - bytes_at_start > received_cap:
-                raise LimitExceeded(f"{target.path}: received over {received_cap} bytes for a "
-                                    f"{target.length}-byte bundle; abandoning the download")
-            # hashing and writing release the GIL: keep them off the event loop
-            bad = await asyncio.to_thread(_check_and_write, target, fd, first, count, offset, body)
-            if bad is not None:
-                raise BlockRejected(f"{target.path}: block {bad} does not match its signed hash "
-                                    "(altered in transit, or from another bundle)")
-            for k in range(count):
-                record.add(first + k)
-            if progress is not None:
-                progress.mark(first, count)
-            stats.blocks_fetched += count
-            stats.bytes_fetched += len(body)
-            stats.fetched_offsets.append(offset)
-            now = time.monotonic()
-            if now - last_flush >= limits.record_flush_interval:
-                last_flush = now
-                await asyncio.to_thread(record.flush, fd)  # fsync: keep it off the event loop
-
-    workers = [asyncio.ensure_future(worker()) for _ in range(min(limits.blocks_in_flight, len(spans)) or 0)]
-    try:
-        await asyncio.gather(*workers)
-    finally:
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+    return spans
 
 
-async def _request_span(channel: Channel, target: BlockedTarget, offset: int, length: int,
-                        limits: UpdateLimits, stats: DownloadStats) -> bytes:
-    last: LinkError | None = None
-    for attempt in range(limits.request_retries):
-        if attempt:
-            stats.retries += 1
-        stats.requests += 1
-        req = BlockRequest(id=Channel.new_id(), path=target.url_path, offset=offset, length=length)
+class _Blocks:
+    """The block requests of one download, ``blocks_in_flight`` at a time, driven by the channel's
+    callbacks: each reply is checked, written and followed by the next request as it is delivered,
+    with no task, future or thread hop per block (hashing 256 KiB takes a fraction of a
+    millisecond). The first bad reply, or a request unanswered after its retries, ends it."""
+
+    def __init__(self, channel: Channel, target: BlockedTarget, fd: int, record: _Record, limits: UpdateLimits,
+                 stats: DownloadStats, progress: Progress | None) -> None:
+        self._channel = channel
+        self._target = target
+        self._fd = fd
+        self._record = record
+        self._limits = limits
+        self._stats = stats
+        self._progress = progress
+        self._todo = deque(_spans(target, record.done, max(1, limits.request_bytes // target.block_size)))
+        self._asked: set[str] = set()
+        """Ids of the requests in flight."""
+        self._received_cap = int(target.length * limits.max_received_ratio) + MAX_BLOCK
+        self._bytes_at_start = channel.stats.bytes_in
+        self._last_flush = time.monotonic()
+        self._flushing: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] | None = None
+
+    async def fetch(self) -> None:
+        """Every missing block, checked and written; raises what ended the download early.
+
+        The deadline is a timer, not ``asyncio.wait_for``: no inner task, so cancelling the caller
+        cancels this (3.11's wait_for can swallow a cancellation that races a finished inner task)."""
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        deadline = loop.call_later(self._limits.download_deadline, self._finish, DownloadTimeout(
+            f"{self._target.path}: download did not finish within {self._limits.download_deadline:g} s"))
         try:
-            reply = await channel.request(req, timeout=limits.request_timeout)
-        except ChannelClosed:
-            raise
-        except RequestTimeout as e:
-            last = e
-            log.debug("block at %d of %s timed out (attempt %d)", offset, target.path, attempt + 1)
-            continue
+            for _ in range(self._limits.blocks_in_flight):
+                self._ask_next()
+            self._finish_if_complete()
+            await self._done
+        finally:
+            deadline.cancel()
+            for req_id in self._asked:
+                self._channel.cancel(req_id)
+            if self._flushing is not None:
+                await asyncio.gather(self._flushing, return_exceptions=True)
+
+    def _ask_next(self) -> None:
+        if self._todo:
+            first, count = self._todo.popleft()
+            self._ask(first, count, 1)
+
+    def _ask(self, first: int, count: int, attempt: int) -> None:
+        t = self._target
+        offset = first * t.block_size
+        req = BlockRequest(id=Channel.new_id(), path=t.url_path, offset=offset,
+                           length=min(t.length, (first + count) * t.block_size) - offset)
+        self._stats.requests += 1
+        self._asked.add(req.id)
+        self._channel.submit(req, timeout=self._limits.request_timeout,
+                             on_reply=lambda reply: self._on_reply(req, first, count, attempt, reply),
+                             on_error=lambda err: self._on_error(req, first, count, attempt, err))
+
+    def _on_reply(self, req: BlockRequest, first: int, count: int, attempt: int, reply: Reply) -> None:
+        self._asked.discard(req.id)
+        if self._finished:
+            return
         if reply.status == "error":
-            last = LinkError(f"server error for {target.path} at {offset}: {reply.message}")
-            continue
+            self._retry(first, count, attempt, LinkError(f"server error for {self._target.path} at "
+                                                         f"{req.offset}: {reply.message}"))
+            return
+        try:
+            self._check_reply(req, reply)
+            self._ask_next()  # keep the window full while this block is hashed and written
+            self._write(first, count, req.offset, reply.body)
+        except Exception as e:  # noqa: BLE001 - ends the download (BadData, or an OSError writing)
+            self._finish(e)
+            return
+        self._finish_if_complete()
+
+    def _on_error(self, req: BlockRequest, first: int, count: int, attempt: int, err: LinkError) -> None:
+        self._asked.discard(req.id)
+        if self._finished:
+            return
+        if isinstance(err, ChannelClosed):
+            self._finish(err)
+        else:
+            log.debug("block at %d of %s: %s (attempt %d)", req.offset, self._target.path, err, attempt)
+            self._retry(first, count, attempt, err)
+
+    def _retry(self, first: int, count: int, attempt: int, err: LinkError) -> None:
+        if attempt >= self._limits.request_retries:
+            self._finish(LinkError(f"{self._target.path}: no answer for the block at {first * self._target.block_size} "
+                                   f"after {self._limits.request_retries} attempts: {err}"))
+            return
+        self._stats.retries += 1
+        self._ask(first, count, attempt + 1)
+
+    def _check_reply(self, req: BlockRequest, reply: Reply) -> None:
+        """Does ``reply`` answer ``req``, within the bytes this download may receive? Raises BadData."""
+        t = self._target
+        if self._channel.stats.bytes_in - self._bytes_at_start > self._received_cap:
+            raise LimitExceeded(f"{t.path}: received over {self._received_cap} bytes for a "
+                                f"{t.length}-byte bundle; abandoning the download")
         if reply.status != "ok":
-            raise BlockRejected(f"{target.path}: server answered {reply.status} for the block at {offset}: "
+            raise BlockRejected(f"{t.path}: server answered {reply.status} for the block at {req.offset}: "
                                 f"{reply.message}")
-        if reply.offset != offset or reply.total != target.length or len(reply.body) != length:
+        if reply.offset != req.offset or reply.total != t.length or len(reply.body) != req.length:
             raise BlockRejected(
-                f"{target.path}: reply does not answer the request (asked {length} bytes at {offset} of "
-                f"{target.length}; got {len(reply.body)} at {reply.offset} of {reply.total})")
-        return reply.body
-    assert last is not None
-    raise LinkError(f"{target.path}: no answer for the block at {offset} after {limits.request_retries} "
-                    f"attempts: {last}")
+                f"{t.path}: reply does not answer the request (asked {req.length} bytes at {req.offset} of "
+                f"{t.length}; got {len(reply.body)} at {reply.offset} of {reply.total})")
+
+    def _write(self, first: int, count: int, offset: int, body: bytes) -> None:
+        """Check blocks ``first..first+count`` against TUF and write them; raises BlockRejected."""
+        t = self._target
+        bad = _check_and_write(t, self._fd, first, count, offset, body)
+        if bad is not None:
+            raise BlockRejected(f"{t.path}: block {bad} does not match its signed hash "
+                                "(altered in transit, or from another bundle)")
+        for k in range(count):
+            self._record.add(first + k)
+        failpoint.hit("download.block")
+        if self._progress is not None:
+            self._progress.mark(first, count)
+        self._stats.blocks_fetched += count
+        self._stats.bytes_fetched += len(body)
+        self._stats.fetched_offsets.append(offset)
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        """Persist the record every ``record_flush_interval``, off the event loop (it fsyncs)."""
+        now = time.monotonic()
+        if now - self._last_flush < self._limits.record_flush_interval or self._flushing is not None:
+            return
+        self._last_flush = now
+        self._flushing = asyncio.get_running_loop().run_in_executor(None, self._record.flush, self._fd)
+        self._flushing.add_done_callback(self._flushed)
+
+    def _flushed(self, fut: asyncio.Future[None]) -> None:
+        self._flushing = None
+        if not fut.cancelled() and fut.exception() is not None:
+            self._finish(fut.exception())
+
+    def _finish_if_complete(self) -> None:
+        if not self._todo and not self._asked:
+            self._finish(None)
+
+    @property
+    def _finished(self) -> bool:
+        return self._done is None or self._done.done()
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._finished:
+            return
+        assert self._done is not None
+        if error is None:
+            self._done.set_result(None)
+        else:
+            self._done.set_exception(error)

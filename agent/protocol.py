@@ -193,13 +193,35 @@ def _loads(data: bytes, limit: int, what: str) -> dict[str, object]:
     if len(data) > limit:
         raise ProtocolError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
     try:
-        obj = safejson.loads(data, max_bytes=limit, max_depth=4)
+        obj = _parse_json(bytes(data), limit)
     except JsonError as e:
         raise ProtocolError(f"{what}: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a JSON object")
     if obj.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}")
+    return obj
+
+
+def _parse_json(data: bytes, limit: int) -> object:
+    """A message's JSON. Every well-formed message is one flat object without escapes: json's C
+    parser alone reads it, with duplicate keys still refused (a bad value type is caught by the
+    field checks after). Anything else (nesting, escapes, bad UTF-8) goes to the strict parser."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if not text or "\\" in text or text.count("{") + text.count("[") != 1:
+        return safejson.loads(data, max_bytes=limit, max_depth=4)
+    try:
+        pairs = json.loads(text, object_pairs_hook=tuple)
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+        raise JsonError(f"invalid JSON: {e}") from None
+    if type(pairs) is not tuple:
+        return pairs
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise JsonError("duplicate key")
     return obj
 
 

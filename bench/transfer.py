@@ -1,6 +1,6 @@
 """Transfer bench: a signed bundle delivered and verified through Mosquitto on loopback, beside a raw paho stream.
 
-    python bench/transfer.py [--size-mib 64] [--repeat 3] [--blocks-in-flight 4[,8]] [--request-kib 256[,1024]]
+    python bench/transfer.py [--size-mib 64] [--repeat 3] [--blocks-in-flight 16[,4]] [--request-kib 256[,1024]]
                              [--warmup 1] [--server process|thread] [--workdir DIR] [--json] [-v]
 
 In one run, against one Mosquitto (127.0.0.1, free port, the production-relevant settings of
@@ -302,8 +302,7 @@ def deliver(broker: Broker, repo: Path, state: Path, setting: Setting, expect_sh
         marks["end"] = time.perf_counter()
 
     asyncio.run(once())
-    staged = agent.model_state(MODEL).staged
-    if staged is None or staged.sha256 != expect_sha256 or "staged" not in marks:
+    if agent.model_state(MODEL).seen.get(VERSION) != expect_sha256 or "staged" not in marks:
         raise RuntimeError(f"the agent did not stage the bundle (state: {agent.model_state(MODEL)})")
     stats = agent.status.downloads[-1]
     order = ["start", "refreshed", "downloading", "downloaded", "staged", "end"]
@@ -430,8 +429,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--size-mib", type=int, default=64, help="bundle payload size (random float32 weights)")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of every row (interleaved)")
-    ap.add_argument("--blocks-in-flight", type=int_list, default=[4], help="comma-separated list (default 4)")
-    ap.add_argument("--request-kib", type=int_list, default=[256], help="comma-separated list (default 256; max 1024)")
+    defaults = UpdateLimits()
+    ap.add_argument("--blocks-in-flight", type=int_list, default=[defaults.blocks_in_flight],
+                    help=f"comma-separated list (default {defaults.blocks_in_flight}, the agent's default)")
+    ap.add_argument("--request-kib", type=int_list, default=[defaults.request_bytes // KiB],
+                    help=f"comma-separated list (default {defaults.request_bytes // KiB}, the agent's; max 1024)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured raw + edgeship runs first (default 1)")
     ap.add_argument("--server", choices=["process", "thread"], default="process",
                     help="edgeship serve as a subprocess (default) or a thread of this process")

@@ -8,9 +8,10 @@ going next to that:
   ``$share/edgeship/edgeship/v1/req/+``, so N servers on one broker share the load and any
   of them may stop; on MQTT 3.1.1 (amqtt refuses MQTT 5) the plain ``edgeship/v1/req/+``.
   ``protocol="auto"`` tries 5 and falls back to 3.1.1 when the broker refuses the MQTT 5
-  CONNECT. Requests are answered concurrently (bounded by ``max_concurrent``), files are read
-  in worker threads, each reply goes to the asking device's own ``resp`` topic at QoS 1; the
-  device id comes from the topic, never the payload.
+  CONNECT. Each request is answered as paho reads it, on the event loop (target files stay
+  open, blocks are read from the page cache straight into the reply frame), and the reply goes
+  to the asking device's own ``resp`` topic at QoS 1, at most ``max_concurrent`` replies held
+  in memory at once; the device id comes from the topic, never the payload.
 * **the hint**: on every connect, and whenever metadata/timestamp.json gets a new version
   (checked every ``hint_interval``), a retained ``{"v":1,"timestamp_version":N}`` goes to
   ``edgeship/v1/hint``.
@@ -26,23 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import datetime as dt
 import functools
 import logging
 import os
 import random
 import secrets
+import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
+import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 
 from agent import safejson
 from agent.errors import BadData, LinkError, UsageError
-from agent.mqtt import BrokerSettings, Protocol, make_client
+from agent.mqtt import BrokerSettings, Protocol, make_client, on_published, paho_of
 from agent.protocol import (
     HINT_TOPIC,
     REQ_FILTER,
@@ -61,11 +65,10 @@ log = logging.getLogger(__name__)
 
 ProtocolChoice = Literal["auto", "5", "3.1.1"]
 REPLY_QOS = 1
-"""Replies go out at QoS 1. Measured through Mosquitto on loopback (32 MiB in 256 KiB blocks, 8
-in flight, device and server in one process on 2 cores): QoS 0 145-200 MiB/s, QoS 1 125-177
-MiB/s, within the noise of each other. With QoS 1 a publish completes on PUBACK, so the
-``max_concurrent`` slots bound the reply bytes held in memory; at QoS 0 it completes once
-queued, and a slow broker link would let replies pile up in the client."""
+"""Replies go out at QoS 1: a reply is out (its ``max_concurrent`` slot free) when the broker
+acknowledges it. Measured with bench/transfer.py (64 MiB, 16 x 256 KiB in flight, 2 cores), QoS 0
+replies were no faster end to end: the device sends no PUBACKs, but Mosquitto used about twice
+the CPU; QoS 0 requests to the server (``SUBSCRIBE_QOS``) did not help either."""
 HINT_QOS = 1
 SUBSCRIBE_QOS = 1
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # MQTT 3.1.1 CONNACK code / MQTT 5 reason code
@@ -114,9 +117,6 @@ class Server:
         self.protocol_in_use: Protocol | None = None
         self.hint_version: int | None = None
         """The timestamp version last published as the hint."""
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._sem: asyncio.Semaphore | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._ready_called = False
         self._ts_key: tuple[int, int, int] | None = None
         self._ts_version: int | None = None
@@ -132,9 +132,7 @@ class Server:
         if not (self.repo_dir / "metadata").is_dir():
             raise UsageError(f"{self.repo_dir} is not an edgeship repository (no metadata/ directory)")
         stop = stop or asyncio.Event()
-        self._sem = asyncio.Semaphore(self.limits.max_concurrent)
-        self._pool = ThreadPoolExecutor(max_workers=min(self.limits.max_concurrent, 8),
-                                        thread_name_prefix="edgeship-serve")
+        keep_freed_memory()
         if self._online_keys.is_dir():  # fresh metadata before the first hint goes out
             await self._resign_once()
         resign = asyncio.create_task(self._resign_loop(), name="edgeship-resign")
@@ -143,8 +141,7 @@ class Server:
         finally:
             resign.cancel()
             await asyncio.gather(resign, return_exceptions=True)
-            await self._cancel_inflight()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.handler.close()
             log.info("server stopped: %s", self.stats.summary())
 
     async def _connections(self, stop: asyncio.Event, ready: Callable[[], object] | None) -> None:
@@ -183,6 +180,7 @@ class Server:
                        ready: Callable[[], object] | None) -> None:
         """One connection: subscribe, announce, answer until stop (returns) or link loss (raises)."""
         topic_filter = SHARED_REQ_FILTER if proto == "5" else REQ_FILTER
+        responder = _Responder(client, self.handler, self.stats, limit=self.limits.max_concurrent)
         await client.subscribe(topic_filter, qos=SUBSCRIBE_QOS)
         log.debug("subscribed %s", topic_filter)
         await self._publish_hint(client, force=True)
@@ -204,75 +202,29 @@ class Server:
         for task in done:
             error = None if task.cancelled() else task.exception()
             if error is not None:
-                # the link is gone: replies waiting for it would hold their slots until timeout
-                await self._cancel_inflight()
-                raise error
-        await self._drain(client, topic_filter)
+                raise error  # the link is gone, and with it the replies not yet out
+        await self._drain(client, topic_filter, responder)
 
-    async def _cancel_inflight(self) -> None:
-        tasks = list(self._inflight)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _drain(self, client: aiomqtt.Client, topic_filter: str) -> None:
-        """On stop: leave the share group first (new requests go to the other servers), answer
-        what already arrived, give in-flight replies ``shutdown_grace`` seconds."""
+    async def _drain(self, client: aiomqtt.Client, topic_filter: str, responder: _Responder) -> None:
+        """On stop: leave the share group first (new requests go to the other servers); what
+        already arrived is answered as it arrives; give the replies ``shutdown_grace`` seconds to
+        get out."""
         try:
             await client.unsubscribe(topic_filter, timeout=self.limits.shutdown_grace)
         except aiomqtt.MqttError as e:
             log.debug("unsubscribe on stop failed: %s", e)
-        while len(client.messages):
-            self._dispatch(client, await client.messages.__anext__())
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=self.limits.shutdown_grace)
-            if pending:
-                log.warning("stopping with %d replies unsent", len(pending))
-
-    # --- requests ------------------------------------------------------------
+        deadline = time.monotonic() + self.limits.shutdown_grace
+        while responder.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if responder.busy:
+            log.warning("stopping with replies unsent")
 
     async def _read(self, client: aiomqtt.Client) -> None:
-        assert self._sem is not None
+        """Requests never reach aiomqtt's queue (see :class:`_Responder`); this only notices a lost
+        link, which ends the iteration with an MqttError."""
         async for message in client.messages:
-            await self._sem.acquire()
-            self._dispatch(client, message, acquired=True)
-
-    def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message, *, acquired: bool = False) -> None:
-        task = asyncio.create_task(self._answer(client, message, acquired=acquired))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _answer(self, client: aiomqtt.Client, message: aiomqtt.Message, *, acquired: bool) -> None:
-        try:
-            try:
-                device = device_from_topic(str(message.topic), "req")
-            except ProtocolError as e:
-                log.debug("dropping message on %s: %s", message.topic, e)
-                self.stats.add("dropped")
-                return
-            if message.retain:  # a stale request kept by the broker: its device is not waiting
-                log.debug("dropping retained request from %s", device)
-                self.stats.add("dropped")
-                return
-            payload = message.payload
-            if not isinstance(payload, (bytes, bytearray)):
-                self.stats.add("dropped")
-                return
-            loop = asyncio.get_running_loop()
-            reply = await loop.run_in_executor(self._pool, self.handler.handle, device, bytes(payload))
-            if reply is None:
-                return
-            await client.publish(resp_topic(device), reply, qos=REPLY_QOS)
-            self.stats.add("replies_sent")
-        except aiomqtt.MqttError as e:
-            self.stats.add("reply_failures")
-            log.debug("reply to %s not sent: %s", message.topic, e)
-        except Exception:  # noqa: BLE001 - a bug in answering one message must not stop the server
-            self.stats.add("reply_failures")
-            log.exception("internal error answering a message on %s", message.topic)
-        finally:
-            if acquired and self._sem is not None:
-                self._sem.release()
+            log.debug("dropping unexpected message on %s", message.topic)
+            self.stats.add("dropped")
 
     # --- the hint ------------------------------------------------------------
 
@@ -282,7 +234,7 @@ class Server:
             await self._publish_hint(client, force=False)
 
     async def _publish_hint(self, client: aiomqtt.Client, *, force: bool) -> None:
-        version = await asyncio.get_running_loop().run_in_executor(self._pool, self._current_version)
+        version = await asyncio.to_thread(self._current_version)
         if version is None or (version == self.hint_version and not force):
             return
         await client.publish(HINT_TOPIC, encode_hint(Hint(timestamp_version=version)), qos=HINT_QOS, retain=True)
@@ -347,6 +299,88 @@ class Server:
         if changed:
             self.stats.add("resigns")
             log.debug("re-signed timestamp/snapshot (they expired within %s)", margin)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's allocator keep freed memory for reuse instead of handing it back to the kernel.
+
+    Every reply is a few buffers of 256 KiB-1 MiB (the frame, then paho's packet and its send
+    slice); by default glibc maps and unmaps such buffers, or trims them off the heap, so each
+    reply page-faults its memory in anew: measured, 40% of the server's CPU per bundle. The cost
+    is a heap that stays at its high-water mark (about ``max_concurrent`` replies). No-op off glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows)
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 4 * 1024 * 1024)
+    mallopt(m_trim_threshold, 64 * 1024 * 1024)
+
+
+class _Responder:
+    """Answers requests as paho reads them, on the event loop thread: no task, future or thread
+    hop per request. Requests arrive through a paho topic callback (they never reach aiomqtt's
+    queue) and replies go out through paho directly, not through aiomqtt's per-call futures.
+
+    Reading inline suits a repository in the page cache (a rollout serves the same bundle to
+    every device); a cold read stalls the loop for its duration. At most ``limit`` replies are
+    held in memory (published, not yet out: acknowledged at QoS 1, written at QoS 0); requests
+    past it wait, as their small payloads, and are answered as replies get out."""
+
+    def __init__(self, client: aiomqtt.Client, handler: RequestHandler, stats: ServerStats, *, limit: int) -> None:
+        self._paho = paho_of(client)
+        self._handler = handler
+        self._stats = stats
+        self._limit = limit
+        self._out: set[int] = set()
+        """mids of replies published and not yet out."""
+        self._waiting: deque[tuple[str, bytes]] = deque()
+        self._paho.message_callback_add(REQ_FILTER, self._on_request)
+        on_published(client, self._on_published)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._out or self._waiting)
+
+    def _on_request(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            device = device_from_topic(message.topic, "req")
+        except (ProtocolError, UnicodeDecodeError) as e:
+            log.debug("dropping a message on a request topic: %s", e)
+            self._stats.add("dropped")
+            return
+        if message.retain:  # a stale request kept by the broker: its device is not waiting
+            log.debug("dropping retained request from %s", device)
+            self._stats.add("dropped")
+            return
+        payload = bytes(message.payload)  # paho's payload is bytes already: no copy
+        if len(self._out) >= self._limit:
+            self._waiting.append((device, payload))
+        else:
+            self._answer(device, payload)
+
+    def _on_published(self, mid: int) -> None:
+        self._out.discard(mid)
+        while self._waiting and len(self._out) < self._limit:
+            self._answer(*self._waiting.popleft())
+
+    def _answer(self, device: str, payload: bytes) -> None:
+        try:
+            reply = self._handler.handle(device, payload)
+            if reply is None:
+                return
+            info = self._paho.publish(resp_topic(device), reply, qos=REPLY_QOS)
+        except Exception:  # noqa: BLE001 - a bug in answering one message must not stop the server
+            self._stats.add("reply_failures")
+            log.exception("internal error answering a request from %s", device)
+            return
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self._stats.add("reply_failures")
+            log.debug("reply to %s not sent: %s", device, paho.error_string(info.rc))
+            return
+        self._stats.add("replies_sent")
+        if not info.is_published():
+            self._out.add(info.mid)
 
 
 def _why(err: BaseException) -> str:

@@ -11,7 +11,9 @@ an encoded reply, reading only ``REPO/metadata/<name>`` and ``REPO/targets/<path
 Files are opened one path component at a time below the directory with ``O_NOFOLLOW``: a
 symlink anywhere under ``metadata/`` or ``targets/`` is refused, as is anything that is not a
 regular file (a FIFO, a device), so nothing outside the repository can be served whatever
-was planted inside it. A request too malformed to carry a usable id gets no reply at all.
+was planted inside it. Target files stay open between block requests (a device asks for the
+same file hundreds of times in a row), each used only while its path still names that file.
+A request too malformed to carry a usable id gets no reply at all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import logging
 import os
 import stat
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +43,7 @@ from agent.protocol import (
     check_device_id,
     decode_request,
     encode_reply,
+    encode_reply_head,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,10 @@ class ServerLimits:
     max_block: int = MAX_BLOCK
     """Largest block length a request may ask for (at most the protocol's 1 MiB)."""
     max_concurrent: int = 16
-    """Requests being read and answered at once (across all devices)."""
+    """Replies held in memory at once, across all devices (published, not yet acknowledged by the
+    broker); requests past it wait, as their small payloads, until one is out."""
+    open_targets: int = 32
+    """Target files kept open between block requests."""
     resign_margin: float = 12 * 3600.0
     """Re-sign timestamp/snapshot when they expire within this many seconds."""
     resign_interval: float = 60.0
@@ -83,6 +90,8 @@ class ServerLimits:
             raise ValueError(f"max_block {self.max_block} out of range 1..{MAX_BLOCK}")
         if not 0 < self.max_concurrent <= 1024:
             raise ValueError(f"max_concurrent {self.max_concurrent} out of range 1..1024")
+        if not 0 < self.open_targets <= 1024:
+            raise ValueError(f"open_targets {self.open_targets} out of range 1..1024")
         for name in ("resign_margin", "resign_interval", "hint_interval", "reconnect_min",
                      "reconnect_max", "shutdown_grace"):
             if not getattr(self, name) > 0:
@@ -149,17 +158,24 @@ class _Refused(Exception):
 
 
 class RequestHandler:
-    """Reads replies from ``repo_dir``; safe to call from several threads at once."""
+    """Reads replies from ``repo_dir``; safe to call from several threads at once (the server calls
+    it from its event loop thread only)."""
 
     def __init__(self, repo_dir: Path, limits: ServerLimits | None = None,
                  stats: ServerStats | None = None) -> None:
         self.repo_dir = Path(repo_dir)
         self.limits = limits or ServerLimits()
         self.stats = stats or ServerStats()
+        self._targets = _OpenTargets(self.repo_dir / "targets", self.limits.open_targets,
+                                     lambda parts: self._open(self.repo_dir / "targets", parts, what="target"))
+
+    def close(self) -> None:
+        """Close the target files kept open between requests."""
+        self._targets.close()
 
     # --- entry point ------------------------------------------------------
 
-    def handle(self, device: str, payload: bytes) -> bytes | None:
+    def handle(self, device: str, payload: bytes) -> bytes | bytearray | None:
         """The encoded reply to ``payload`` from ``device`` (taken from the topic), or None when
         there is no one to answer (invalid device id, no usable request id)."""
         try:
@@ -172,20 +188,24 @@ class RequestHandler:
             req = decode_request(payload)
         except ProtocolError as e:
             return self._reject(device, payload, e)
-        op: Op = req.op
+        frame: bytes | bytearray
         try:
-            reply = self._meta(req) if isinstance(req, MetaRequest) else self._block(req)
+            frame, body_bytes = self._meta(req) if isinstance(req, MetaRequest) else self._block(req)
         except _Refused as e:
-            reply = Reply(id=req.id, status=e.status, message=str(e))
+            frame, body_bytes = self._refusal(device, req, e.status, str(e)), 0
         except OSError as e:
             log.warning("cannot read %s for %s: %s", _describe(req), device, e)
-            reply = Reply(id=req.id, status="error", message="the server could not read the file")
-        self.stats.count_reply(op, reply.status, len(reply.body))
-        if reply.status == "ok":
-            log.debug("%s: %s -> ok, %d bytes", device, _describe(req), len(reply.body))
+            frame, body_bytes = self._refusal(device, req, "error", "the server could not read the file"), 0
         else:
-            log.debug("%s: %s -> %s: %s", device, _describe(req), reply.status, reply.message)
-        return encode_reply(reply)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %s -> ok, %d bytes", device, _describe(req), body_bytes)
+            self.stats.count_reply(req.op, "ok", body_bytes)
+        return frame
+
+    def _refusal(self, device: str, req: MetaRequest | BlockRequest, status: Status, message: str) -> bytes:
+        log.debug("%s: %s -> %s: %s", device, _describe(req), status, message)
+        self.stats.count_reply(req.op, status, 0)
+        return encode_reply(Reply(id=req.id, status=status, message=message))
 
     def _reject(self, device: str, payload: bytes, err: ProtocolError) -> bytes | None:
         """A request that failed to decode: answer bad_request if it has a usable id."""
@@ -211,7 +231,7 @@ class RequestHandler:
 
     # --- the two operations -----------------------------------------------
 
-    def _meta(self, req: MetaRequest) -> Reply:
+    def _meta(self, req: MetaRequest) -> tuple[bytearray, int]:
         fd = self._open(self.repo_dir / "metadata", [req.name], what="metadata")
         try:
             size = os.fstat(fd).st_size
@@ -220,27 +240,25 @@ class RequestHandler:
                 log.warning("metadata/%s is %d bytes, over the %d-byte limit: not served",
                             req.name, size, limit)
                 raise _Refused("error", f"{req.name} is over the server's metadata size limit")
-            data = _pread_exact(fd, size, 0)
+            frame = _read_frame(fd, encode_reply_head(id=req.id, status="ok", length=size), size, 0)
             if len(os.pread(fd, 1, size)):  # grew while read: a writer did not replace it atomically
                 raise _Refused("error", f"{req.name} changed while being read; retry")
         finally:
             os.close(fd)
-        return Reply(id=req.id, status="ok", body=data)
+        return frame, size
 
-    def _block(self, req: BlockRequest) -> Reply:
+    def _block(self, req: BlockRequest) -> tuple[bytearray, int]:
+        """The reply frame, its body read from the file straight behind the header."""
         if req.length > self.limits.max_block:
             raise _Refused("bad_request",
                            f"block length {req.length} is over this server's limit of {self.limits.max_block}")
-        fd = self._open(self.repo_dir / "targets", req.path.split("/"), what="target")
-        try:
-            size = os.fstat(fd).st_size
+        with self._targets.lock:
+            fd, size = self._targets.get(req.path)
             if req.offset >= size:
                 raise _Refused("bad_request", f"offset {req.offset} is past the end of {req.path} ({size} bytes)")
             n = min(req.length, size - req.offset)
-            data = _pread_exact(fd, n, req.offset)
-        finally:
-            os.close(fd)
-        return Reply(id=req.id, status="ok", body=data, offset=req.offset, total=size)
+            head = encode_reply_head(id=req.id, status="ok", length=n, offset=req.offset, total=size)
+            return _read_frame(fd, head, n, req.offset), n
 
     def _open(self, base: Path, parts: list[str], *, what: str) -> int:
         """Open base/parts[0]/.../parts[-1] as a regular file, refusing symlinks and special
@@ -275,6 +293,48 @@ class RequestHandler:
                 os.close(dfd)
 
 
+class _OpenTargets:
+    """Target files kept open between block requests (a device asks for the same file hundreds of
+    times in a row), at most ``capacity``, the least recently used closed first.
+
+    A kept descriptor is used only while its path still names the same file (device and inode of
+    a stat of the path that does not follow a final symlink): a target replaced or removed since is
+    opened again through the safe opener, which refuses symlinks and special files. Callers hold
+    ``lock`` while they use a descriptor, so another thread cannot close it under them."""
+
+    def __init__(self, base: Path, capacity: int, opener: Callable[[list[str]], int]) -> None:
+        self.lock = threading.Lock()
+        self._base = str(base)
+        self._capacity = capacity
+        self._opener = opener
+        self._open: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        """path -> (fd, st_dev, st_ino), least recently used first."""
+
+    def get(self, path: str) -> tuple[int, int]:
+        """(descriptor, size) of the target file ``path``; raises what the opener raises."""
+        kept = self._open.get(path)
+        if kept is not None:
+            try:
+                st = os.stat(os.path.join(self._base, path), follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == kept[1:]:
+                self._open.move_to_end(path)
+                return kept[0], st.st_size
+            os.close(self._open.pop(path)[0])
+        fd = self._opener(path.split("/"))
+        st = os.fstat(fd)
+        self._open[path] = (fd, st.st_dev, st.st_ino)
+        while len(self._open) > self._capacity:
+            os.close(self._open.popitem(last=False)[1][0])
+        return fd, st.st_size
+
+    def close(self) -> None:
+        with self.lock:
+            while self._open:
+                os.close(self._open.popitem()[1][0])
+
+
 def _is_symlink(name: str, dir_fd: int) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
@@ -282,16 +342,18 @@ def _is_symlink(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _pread_exact(fd: int, n: int, offset: int) -> bytes:
-    chunks: list[bytes] = []
+def _read_frame(fd: int, head: bytes, n: int, offset: int) -> bytearray:
+    """``head`` followed by ``n`` bytes of ``fd`` from ``offset``, read in place (no second copy)."""
+    frame = bytearray(len(head) + n)
+    frame[:len(head)] = head
+    body = memoryview(frame)[len(head):]
     got = 0
     while got < n:
-        chunk = os.pread(fd, n - got, offset + got)
+        chunk = os.preadv(fd, [body[got:]], offset + got)
         if not chunk:  # truncated under us: a writer did not replace the file atomically
             raise _Refused("error", "the file changed while being read; retry")
-        chunks.append(chunk)
-        got += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        got += chunk
+    return frame
 
 
 def _describe(req: MetaRequest | BlockRequest) -> str:
