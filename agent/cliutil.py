@@ -78,3 +78,13 @@ def echo_json(obj: Any) -> None:
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
+
+
+def password_from_env(env: str | None, *, option: str = "--password-env") -> str | None:
+    """The secret in environment variable ``env`` (never on the command line), or None without one."""
+    if env is None:
+        return None
+    value = os.environ.get(env)
+    if value is None:
+        raise UsageError(f"environment variable {env} (from {option}) is not set")
+    return value

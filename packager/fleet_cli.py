@@ -17,17 +17,12 @@ from typing import Any
 import click
 
 from agent.cliutil import echo_json, json_option
+from agent.cliutil import password_from_env
 from agent.errors import UsageError
 from agent.mqtt import parse_broker_url
 
 
-def _password(env: str | None) -> str | None:
-    if env is None:
-        return None
-    value = os.environ.get(env)
-    if value is None:
-        raise UsageError(f"environment variable {env} (from --password-env) is not set")
-    return value
+_password = password_from_env
 
 
 @click.group("fleet")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from agent.cliutil import password_from_env
 from agent.errors import UsageError
 from agent.mqtt import parse_broker_url
 from agent.protocol import MAX_BLOCK
@@ -24,13 +25,7 @@ from agent.protocol import MAX_BLOCK
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _password(env: str | None) -> str | None:
-    if env is None:
-        return None
-    value = os.environ.get(env)
-    if value is None:
-        raise UsageError(f"environment variable {env} (from --password-env) is not set")
-    return value
+_password = password_from_env
 
 
 @click.command("serve")

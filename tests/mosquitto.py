@@ -13,6 +13,7 @@ Fixtures must be imported into the test module (or into tests/conftest.py) to be
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -21,6 +22,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -483,3 +485,25 @@ def broker_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@contextlib.contextmanager
+def amqtt_broker() -> Iterator[str]:
+    """The demo's embedded broker (amqtt, MQTT 3.1.1 only) on a free 127.0.0.1 port; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "packager.demo_broker", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(b"ready"), line + proc.stdout.read(2000)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -43,7 +43,7 @@ from agent.protocol import (
 from packager.server import Server, ServerLimits, read_timestamp_version
 from packager.server_handler import RequestHandler
 from tests.conftest import KeyPair
-from tests.mosquitto import Broker, broker, free_port, make_pki, start_broker  # noqa: F401 (fixture)
+from tests.mosquitto import Broker, amqtt_broker, broker, free_port, make_pki, start_broker  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 ACL = ROOT / "examples" / "mosquitto" / "acl.conf"
@@ -628,40 +628,10 @@ def test_tls_and_the_shipped_acl(tmp_path: Path, repo: tuple[Path, str, bytes]) 
 # amqtt: MQTT 3.1.1 only, so "auto" falls back
 
 
-AMQTT_SCRIPT = textwrap.dedent("""
-    import asyncio, sys
-    from amqtt.broker import Broker
-
-    async def main(port):
-        broker = Broker({
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        })
-        await broker.start()
-        print("ready", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main(int(sys.argv[1])))
-""")
-
-
 @pytest.fixture
 def amqtt_port() -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", AMQTT_SCRIPT, str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == b"ready", line + proc.stdout.read(2000)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with amqtt_broker() as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def test_amqtt_broker_with_protocol_auto(amqtt_port: int, repo: tuple[Path, str, bytes]) -> None:

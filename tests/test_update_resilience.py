@@ -47,7 +47,7 @@ from agent.protocol import BlockRequest, ProtocolError, decode_request, req_topi
 from packager.repo import BLOCK_SIZE, init_repo, publish, rotate
 from tests.conftest import KeyPair, build
 from tests.modelfactory import onnx_mlp
-from tests.mosquitto import Broker, broker, free_port  # noqa: F401 - fixture
+from tests.mosquitto import Broker, amqtt_broker, broker, free_port  # noqa: F401 - fixture
 from tests.updatechannel import EvilServer, agent_config, now, running_agent, running_server, trusted_snapshot, wait_for
 
 BIN = Path(sys.executable).parent
@@ -533,35 +533,10 @@ def test_two_servers_one_killed_mid_download(broker: Broker, tmp_path: Path, rel
 # --- 4. amqtt (MQTT 3.1.1 only) ------------------------------------------------------------------
 
 
-AMQTT_SCRIPT = textwrap.dedent("""
-    import asyncio, sys
-    from amqtt.broker import Broker
-
-    async def main(port):
-        broker = Broker({
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        })
-        await broker.start()
-        print("ready", flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main(int(sys.argv[1])))
-""")
-
-
 @pytest.fixture
 def amqtt_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", AMQTT_SCRIPT, str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == b"ready", line + proc.stdout.read(2000)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)  # type: ignore[arg-type]
+    with amqtt_broker() as url:
+        yield url
 
 
 def test_amqtt_broker_fresh_device_follows_two_releases(amqtt_url: str, tmp_path: Path, release_key: KeyPair,
