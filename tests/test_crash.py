@@ -131,14 +131,14 @@ def served_version(url: str, world: dict[str, Any]) -> str:
     return matches[0]
 
 
-def wait_state(state: Path, pred: Any, timeout: float = 30) -> Any:
+def wait_state(state: Path, pred: Any, timeout: float = 30, model: str = "mlp") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = Store(state).load("mlp")
+        st = Store(state).load(model)
         if pred(st):
             return st
         time.sleep(0.1)
-    raise AssertionError(f"state never reached the expected condition; last: {Store(state).load('mlp')}")
+    raise AssertionError(f"state never reached the expected condition; last: {Store(state).load(model)}")
 
 
 @pytest.fixture(scope="module")
