@@ -113,9 +113,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set, reconnecting on broker loss."""
-        import aiomqtt
 
-        from agent.mqtt import make_client
 
         stop = stop or asyncio.Event()
         self.start()

@@ -63,7 +63,7 @@ def prepare(store: Store, staged: Held, *, trusted_keys: Sequence[TrustedKey], f
     final = store.release_dir(staged.sha256)
     checked = verify_file(bundle, trusted_keys=trusted_keys)
     if checked.sha256 != staged.sha256:
-        raise DigestMismatch(f"staged bundle {bundle.name} changed on disk (sha256 {checked.sha256[:12]})")
+        raise DigestMismatch(f"staged bundle {bundle.name} changed on disk (sha256 {(checked.sha256 or '')[:12]})")
     manifest = checked.manifest
     check_fit(manifest, machine=facts.machine, runtimes=facts.runtimes, accelerators=facts.accelerators)
     if final.is_dir():  # installed before (e.g. a crash after the rename, before the switch)

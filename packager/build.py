@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from agent.fsutil import fsync_dir, sha256_file
@@ -23,7 +22,7 @@ import numpy as np
 
 from agent import __version__, safejson
 from agent.archive import write_archive
-from agent.bundle import VerifiedBundle, open_bundle
+from agent.bundle import open_bundle
 from agent.errors import ManifestError, ModelError, UsageError
 from agent.keys import TrustedKey
 from agent.manifest import (

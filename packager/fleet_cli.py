@@ -9,7 +9,6 @@ shared handler (``agent.cliutil``): an unreachable broker is a link error (exit 
 from __future__ import annotations
 
 import asyncio
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ import click
 
 from agent.cliutil import echo_json, json_option
 from agent.cliutil import password_from_env
-from agent.errors import UsageError
 from agent.mqtt import parse_broker_url
 
 

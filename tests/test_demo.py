@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.conftest import ROOT
 from tests.mosquitto import start_broker

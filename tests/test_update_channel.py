@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 
 from agent.daemon import Agent
-from agent.protocol import HINT_TOPIC, resp_topic
 from packager.repo import init_repo, publish
 from tests.conftest import KeyPair, build
 from tests.mosquitto import Broker, broker, broker_module  # noqa: F401 - fixture
-from tests.updatechannel import agent_config, now, publish_raw, running_agent, running_server, trusted_snapshot, wait_for
+from tests.updatechannel import agent_config, now, running_agent, running_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,6 @@ def test_agent_cli_run_once(broker_module: Broker, repo: Path, tmp_path: Path) -
 def test_telemetry_produced_offline_is_delivered_on_reconnect(broker: Broker, repo: Path, tmp_path: Path) -> None:
     """The agent runs with the broker down: telemetry and events pile up in its disk outbox, and when
     the broker returns every record arrives, in order, none lost (the bound is far away)."""
-    import aiomqtt
 
     from agent.mqtt import make_client, parse_broker_url
     from agent.protocol import TELEMETRY_FILTER

@@ -34,7 +34,7 @@ import numpy as np
 
 from agent.errors import EdgeshipError, ModelError, UsageError
 from agent.manifest import version_tuple
-from packager.introspect import ModelInfo, onnx_min_runtime_version, read_signature
+from packager.introspect import ModelInfo, read_signature
 from packager.quantize import (
     Calibration, CapturedOutput, Progress, QuantizedModel, QuantizeError, Stopwatch, atomic_output,
     captured_output, check_calibration, check_destination, check_source, interface_differences, one_line,
