@@ -62,6 +62,15 @@ class AgentStatus:
     """One per connection: replies dropped as malformed or unmatched are counted here."""
 
 
+def _retrieve(client: Any) -> None:
+    """Mark aiomqtt's connection futures as seen: a lost link is handled above, and an
+    unretrieved exception would otherwise be logged as an error when they are collected."""
+    for name in ("_connected", "_disconnected"):
+        fut = getattr(client, name, None)
+        if fut is not None and fut.done() and not fut.cancelled():
+            fut.exception()
+
+
 class Agent:
     def __init__(self, config: AgentConfig, *, on_event: Callable[[Event], None] | None = None,
                  host: Host | None = None) -> None:
@@ -162,6 +171,7 @@ class Agent:
                 log.warning("broker connection lost or refused: %s", e)
             finally:
                 self.status.connected = False
+                _retrieve(client)
             if stop.is_set():
                 break
             wait = delay * (0.5 + self._random.random())
