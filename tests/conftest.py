@@ -11,6 +11,7 @@ import pytest
 from agent.archive import extract_archive, write_archive
 from agent.config import BundleLimits
 from agent.keys import TrustedKey, load_public_key
+from agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -89,6 +90,27 @@ def repack(files: list[tuple[str, Path]], out: Path) -> Path:
     with open(out, "wb") as fh:
         write_archive(files, fh)
     return out
+
+
+def archive_order(files: dict[str, Path]) -> list[tuple[str, Path]]:
+    """Members in the order the builder writes them: manifest, signature, then the rest by name."""
+    return [(n, files[n]) for n in sorted(files, key=lambda n: (n != MANIFEST_NAME, n != SIGNATURE_NAME, n))]
+
+
+def resign(files: dict[str, Path], directory: Path, key: KeyPair, subject: str = "mlp") -> None:
+    """Sign the unpacked ``directory`` again with ``key`` (after editing its files)."""
+    from packager.signer import sign_directory
+
+    files[SIGNATURE_NAME].write_bytes(sign_directory(directory, key.signing(), subject_name=subject))
+
+
+def with_other_model(bundle: Path, model: Path, key: KeyPair, workdir: Path, out: Path, *, subject: str) -> Path:
+    """``bundle`` with its model file replaced by ``model``, validly re-signed: its self-test,
+    recorded with the original model, no longer holds on a real runtime."""
+    files = unpack(bundle, workdir)
+    shutil.copyfile(model, files["model.onnx"])
+    resign(files, workdir, key, subject)
+    return repack(archive_order(files), out)
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:

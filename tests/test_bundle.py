@@ -18,7 +18,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from tests.conftest import KeyPair, build, repack, unpack
+from tests.conftest import KeyPair, archive_order, build, repack, resign, unpack
 
 
 def _verify(bundle: Path, dest: Path, key: KeyPair):  # type: ignore[no-untyped-def]
@@ -40,17 +40,6 @@ def _verify(bundle: Path, dest: Path, key: KeyPair):  # type: ignore[no-untyped-
         raise
     assert in_place is None and checked is not None and checked.manifest == vb.manifest
     return vb
-
-
-def _order(files: dict[str, Path]) -> list[tuple[str, Path]]:
-    return [(n, files[n]) for n in sorted(files, key=lambda n: (n != MANIFEST_NAME, n != SIGNATURE_NAME, n))]
-
-
-def _resign(files: dict[str, Path], directory: Path, key: KeyPair, subject: str = "mlp") -> None:
-    from packager.signer import sign_directory
-
-    sig = sign_directory(directory, key.signing(), subject_name=subject)
-    files[SIGNATURE_NAME].write_bytes(sig)
 
 
 def test_intact_bundle_verifies(mlp_bundle: Path, release_key: KeyPair, tmp_path: Path) -> None:
@@ -102,7 +91,7 @@ def test_tampered_payload_is_refused(case: str, mlp_bundle: Path, release_key: K
         doc["version"] = "9.9.9"
         files[MANIFEST_NAME].write_text(json.dumps(doc))
         expect = (DigestMismatch, MANIFEST_NAME)
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(expect[0], match=expect[1].replace(".", r"\.")):
         _verify(bad, tmp_path / "v", release_key)
 
@@ -116,7 +105,7 @@ def test_edited_statement_is_refused(mlp_bundle: Path, release_key: KeyPair, tmp
     stmt["predicate"]["resources"][0]["digest"] = "0" * 64
     sig["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(stmt).encode()).decode()
     files[SIGNATURE_NAME].write_text(json.dumps(sig))
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(SignatureError):
         _verify(bad, tmp_path / "v", release_key)
 
@@ -130,7 +119,7 @@ def test_corrupted_signature_is_refused(mlp_bundle: Path, release_key: KeyPair, 
     raw[-3] ^= 0xFF
     sig["dsseEnvelope"]["signatures"][0]["sig"] = base64.b64encode(bytes(raw)).decode()
     files[SIGNATURE_NAME].write_text(json.dumps(sig))
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(SignatureError):
         _verify(bad, tmp_path / "v", release_key)
 
@@ -142,7 +131,7 @@ def test_signature_of_another_bundle_is_refused(
     files = unpack(mlp_bundle, tmp_path / "a")
     files_b = unpack(other.path, tmp_path / "b")
     files[SIGNATURE_NAME] = files_b[SIGNATURE_NAME]
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(DigestMismatch, match="manifest"):
         _verify(bad, tmp_path / "v", release_key)
 
@@ -156,8 +145,8 @@ def test_resigned_by_untrusted_key_is_refused(
     mlp_bundle: Path, release_key: KeyPair, other_key: KeyPair, tmp_path: Path
 ) -> None:
     files = unpack(mlp_bundle, tmp_path / "u")
-    _resign(files, tmp_path / "u", other_key)
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    resign(files, tmp_path / "u", other_key)
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(UntrustedSigner):
         _verify(bad, tmp_path / "v", release_key)
 
@@ -167,8 +156,8 @@ def test_unknown_format_version_is_refused(mlp_bundle: Path, release_key: KeyPai
     doc = json.loads(files[MANIFEST_NAME].read_bytes())
     doc["format"] = 2
     files[MANIFEST_NAME].write_text(json.dumps(doc))
-    _resign(files, tmp_path / "u", release_key)  # properly signed: only the format is wrong
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    resign(files, tmp_path / "u", release_key)  # properly signed: only the format is wrong
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(UnknownFormat, match="format version 2"):
         _verify(bad, tmp_path / "v", release_key)
 
@@ -178,16 +167,16 @@ def test_signed_manifest_naming_missing_file_is_refused(mlp_bundle: Path, releas
     doc = json.loads(files[MANIFEST_NAME].read_bytes())
     doc["labels"] = "labels.txt"
     files[MANIFEST_NAME].write_text(json.dumps(doc))
-    _resign(files, tmp_path / "u", release_key)
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    resign(files, tmp_path / "u", release_key)
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(ManifestError, match="labels.txt"):
         _verify(bad, tmp_path / "v", release_key)
 
 
 def test_subject_name_must_match_manifest(mlp_bundle: Path, release_key: KeyPair, tmp_path: Path) -> None:
     files = unpack(mlp_bundle, tmp_path / "u")
-    _resign(files, tmp_path / "u", release_key, subject="detector")
-    bad = repack(_order(files), tmp_path / "bad.edge")
+    resign(files, tmp_path / "u", release_key, subject="detector")
+    bad = repack(archive_order(files), tmp_path / "bad.edge")
     with pytest.raises(ManifestError, match="detector"):
         _verify(bad, tmp_path / "v", release_key)
 

@@ -15,11 +15,10 @@ from agent.config import InstallConfig, WatchConfig
 from agent.deploy import Deployer, judge
 from agent.errors import IncompatibleBundle, SelfTestFailed, StorageError
 from agent.fsutil import sha256_file
-from agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from agent.runtime import runtime_version
 from agent.select import DeviceFacts
 from agent.store import Store, Watch
-from tests.conftest import KeyPair, build, repack, unpack
+from tests.conftest import KeyPair, build, with_other_model
 from tests.modelfactory import onnx_mlp, onnx_sqrt_model
 
 FACTS = DeviceFacts(machine="x86_64", runtimes={"onnx": runtime_version("onnx"), "tflite": runtime_version("tflite")})
@@ -62,23 +61,11 @@ def releases(tmp_path_factory: pytest.TempPathFactory, mlp_onnx: Path, release_k
     bundles = {v: build(mlp_onnx, release_key, out / f"mlp-{v}.edge", version=v).path for v in ("1.0.0", "1.1.0")}
     # 1.2.0: validly signed, but its model is not the one its self-test was recorded with
     good = build(mlp_onnx, release_key, out / "base-1.2.0.edge", version="1.2.0").path
-    files = unpack(good, out / "x")
-    shutil.copyfile(onnx_mlp(out / "other.onnx", seed=7), files["model.onnx"])
-    _resign(files, out / "x", release_key)
-    bundles["1.2.0-bad-selftest"] = repack(_order(files), out / "mlp-1.2.0.edge")
+    bundles["1.2.0-bad-selftest"] = with_other_model(good, onnx_mlp(out / "other.onnx", seed=7), release_key,
+                                                     out / "x", out / "mlp-1.2.0.edge", subject="mlp")
     bundles["1.3.0-needs-new-runtime"] = build(mlp_onnx, release_key, out / "mlp-1.3.0.edge", version="1.3.0",
                                                min_runtime="99.0.0").path
     return bundles
-
-
-def _order(files: dict[str, Path]) -> list[tuple[str, Path]]:
-    return [(n, files[n]) for n in sorted(files, key=lambda n: (n != MANIFEST_NAME, n != SIGNATURE_NAME, n))]
-
-
-def _resign(files: dict[str, Path], directory: Path, key: KeyPair) -> None:
-    from packager.signer import sign_directory
-
-    files[SIGNATURE_NAME].write_bytes(sign_directory(directory, key.signing(), subject_name="mlp"))
 
 
 def stage(store: Store, bundle: Path, version: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,9 +16,8 @@ import numpy as np
 import pytest
 
 from agent.fsutil import sha256_file
-from agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from packager.repo import init_repo, publish
-from tests.conftest import KeyPair, build, repack, unpack
+from tests.conftest import KeyPair, build, with_other_model
 from tests.modelfactory import onnx_mlp, onnx_sqrt_model
 from tests.mosquitto import Broker, broker_module  # noqa: F401 - fixture
 from tests.test_crash import AgentProcess
@@ -55,13 +53,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, broker_module: Broker, relea
     # 1.2.0: validly signed, but the model inside is not the one its self-test was recorded with
     base = build(onnx_mlp(root / "mlp2.onnx", in_features=4, seed=1), release_key, root / "base.edge", name="m",
                  version="1.2.0").path
-    files = unpack(base, root / "x")
-    shutil.copyfile(onnx_mlp(root / "other.onnx", in_features=4, seed=7), files["model.onnx"])
-    from packager.signer import sign_directory
-
-    files[SIGNATURE_NAME].write_bytes(sign_directory(root / "x", release_key.signing(), subject_name="m"))
-    order = sorted(files, key=lambda n: (n != MANIFEST_NAME, n != SIGNATURE_NAME, n))
-    v3 = repack([(n, files[n]) for n in order], root / "m-1.2.0.edge")
+    v3 = with_other_model(base, onnx_mlp(root / "other.onnx", in_features=4, seed=7), release_key, root / "x",
+                          root / "m-1.2.0.edge", subject="m")
     repo = root / "repo"
     init_repo(repo, release_keys=[release_key.public], now=now())
     publish(repo, v1, now=now())
