@@ -192,7 +192,7 @@ class Agent:
         try:
             async with client:
                 channel = await self._open_channel(client)
-                reader = asyncio.ensure_future(self._read(client, channel))
+                reader = asyncio.ensure_future(self._read_hints(client))
                 try:
                     await self.update_cycle(channel)
                 finally:
@@ -218,7 +218,7 @@ class Agent:
 
     async def _session(self, client: Any, stop: asyncio.Event) -> None:
         channel = await self._open_channel(client)
-        reader = asyncio.ensure_future(self._read(client, channel))
+        reader = asyncio.ensure_future(self._read_hints(client))
         await self.reporting.connected(client)
         reports = asyncio.ensure_future(self.reporting.session(client))
         updater = asyncio.ensure_future(self._update_loop(channel, stop))
@@ -242,14 +242,13 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             log.debug("session ended")
 
-    async def _read(self, client: Any, channel: Channel) -> None:
-        own = resp_topic(self.config.device_id)
+    async def _read_hints(self, client: Any) -> None:
+        """Watch the retained hint. (Replies never reach ``client.messages``: device_channel routes
+        them to the channel as paho reads them.)"""
         async for msg in client.messages:
             topic = str(msg.topic)
             payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
-            if topic == own:
-                channel.deliver(payload)
-            elif topic == HINT_TOPIC:
+            if topic == HINT_TOPIC:
                 try:
                     hint = decode_hint(payload)
                 except ProtocolError as e:
