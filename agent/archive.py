@@ -54,8 +54,9 @@ MAX_END_PADDING = 64 * KiB
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
-_READ_CHUNK = 64 * KiB
-"""Compressed bytes read from the source at a time."""
+_READ_CHUNK = 256 * KiB
+"""Compressed bytes read from the source at a time (about what one zlib call may produce, so
+little input is left over for zlib to copy into ``unconsumed_tail``)."""
 _INFLATE_CHUNK = 256 * KiB
 """Most bytes one zlib call may produce: the bomb brake."""
 _DATA_CHUNK = 1 * MiB
@@ -192,30 +193,49 @@ class _GzipStream:
             raise LimitExceeded(f"bundle is larger than max_bundle_bytes ({self._max_raw} compressed bytes)")
         return bytes(data)
 
+    def _inflate(self, max_length: int) -> bytes:
+        """One zlib step: at most ``max_length`` bytes (b"" when it only consumed input)."""
+        if not self._pending:
+            self._pending = self._read_src()
+            if not self._pending:
+                raise ArchiveError("truncated bundle: the gzip stream ends early")
+        try:
+            out = self._inflater.decompress(self._pending, max_length)
+        except zlib.error as e:
+            raise ArchiveError(f"corrupt gzip stream: {e}") from None
+        self._pending = self._inflater.unconsumed_tail
+        self.out_bytes += len(out)
+        if self.out_bytes > self._max_out:
+            raise LimitExceeded(
+                f"bundle decompresses to more than {self._max_out} bytes (max_unpacked_bytes plus tar overhead)"
+            )
+        return out
+
     def _fill(self, n: int) -> None:
         while len(self._buf) < n and not self._inflater.eof:
-            if not self._pending:
-                self._pending = self._read_src()
-                if not self._pending:
-                    raise ArchiveError("truncated bundle: the gzip stream ends early")
-            try:
-                out = self._inflater.decompress(self._pending, _INFLATE_CHUNK)
-            except zlib.error as e:
-                raise ArchiveError(f"corrupt gzip stream: {e}") from None
-            self._pending = self._inflater.unconsumed_tail
-            self.out_bytes += len(out)
-            if self.out_bytes > self._max_out:
-                raise LimitExceeded(
-                    f"bundle decompresses to more than {self._max_out} bytes (max_unpacked_bytes plus tar overhead)"
-                )
-            self._buf += out
+            self._buf += self._inflate(_INFLATE_CHUNK)
+
+    def _take(self, n: int) -> bytes:
+        with memoryview(self._buf) as view:
+            out = view[:n].tobytes()
+        del self._buf[:n]
+        return out
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` decompressed bytes; fewer only at the end of the gzip member."""
         self._fill(n)
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+        return self._take(n)
+
+    def read_some(self, n: int) -> bytes:
+        """Between 1 and ``n`` decompressed bytes; b"" only at the end of the gzip member.
+
+        The bulk path: what zlib produces is handed over as it is, with no copy into the buffer."""
+        if self._buf:
+            return self._take(n)
+        while not self._inflater.eof:
+            if out := self._inflate(min(n, _INFLATE_CHUNK)):
+                return out
+        return b""
 
     def finish(self) -> None:
         """Check that the gzip member ended and nothing follows it."""
@@ -315,20 +335,29 @@ class _TarReader:
             raise ArchiveError(f"{what}: non-zero padding after its data")
 
     def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes of the current member's data; b"" when it is all read."""
+        """Between 1 and ``n`` bytes of the current member's data; b"" when it is all read."""
         if self._current is None:
             raise RuntimeError("_TarReader.read() called outside a member")
         n = min(n, self._remaining)
-        data = self._gz.read(n)
-        if len(data) != n:
-            got = self._current.size - self._remaining + len(data)
+        if n == 0:
+            return b""
+        data = self._gz.read_some(n)
+        if not data:
+            got = self._current.size - self._remaining
             raise ArchiveError(
                 f"member {self._current.name!r} is truncated: its header says {self._current.size} bytes, "
                 f"the archive holds {got}"
             )
-        self._remaining -= n
-        self._offset += n
+        self._remaining -= len(data)
+        self._offset += len(data)
         return data
+
+    def read_all(self) -> bytes:
+        """The rest of the current member's data."""
+        parts = []
+        while chunk := self.read(_DATA_CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _finish_member(self) -> None:
         if self._current is None:
@@ -548,7 +577,7 @@ def read_member_bytes(src: BinaryIO, name: str, limits: BundleLimits, *, max_byt
             continue
         if header.size > max_bytes:
             raise LimitExceeded(f"member {name!r}: {header.size} bytes is larger than {max_bytes}")
-        data = tar.read(header.size)
+        data = tar.read_all()
         log.debug("read member %s (%d bytes)", name, len(data))
         return data
     log.debug("archive has no member %s", name)

@@ -39,6 +39,8 @@ from agent.protocol import MAX_BLOCK, BlockRequest, Reply
 log = logging.getLogger(__name__)
 
 RECORD_FORMAT = 1
+FLUSH_BYTES = 8 * 1024 * 1024
+"""Bytes written between two flushes of the record (and fsyncs of the part file) at most."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,7 +206,7 @@ def _check_block(target: BlockedTarget, index: int, data: bytes | memoryview) ->
 
 
 def _check_and_write(target: BlockedTarget, fd: int, first: int, count: int, offset: int,
-                     body: bytes) -> int | None:
+                     body: bytes | memoryview) -> int | None:
     """Check blocks ``first..first+count`` in ``body``; write them only if all match. Returns the bad index."""
     view = memoryview(body)
     for index in range(first, first + count):
@@ -318,6 +320,7 @@ class _Blocks:
         self._received_cap = int(target.length * limits.max_received_ratio) + MAX_BLOCK
         self._bytes_at_start = channel.stats.bytes_in
         self._last_flush = time.monotonic()
+        self._flushed_bytes = stats.bytes_fetched
         self._flushing: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
 
@@ -407,7 +410,7 @@ class _Blocks:
                 f"{t.path}: reply does not answer the request (asked {req.length} bytes at {req.offset} of "
                 f"{t.length}; got {len(reply.body)} at {reply.offset} of {reply.total})")
 
-    def _write(self, first: int, count: int, offset: int, body: bytes) -> None:
+    def _write(self, first: int, count: int, offset: int, body: bytes | memoryview) -> None:
         """Check blocks ``first..first+count`` against TUF and write them; raises BlockRejected."""
         t = self._target
         bad = _check_and_write(t, self._fd, first, count, offset, body)
@@ -425,11 +428,15 @@ class _Blocks:
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:
-        """Persist the record every ``record_flush_interval``, off the event loop (it fsyncs)."""
+        """Persist the record every ``record_flush_interval`` or every ``FLUSH_BYTES`` written,
+        whichever comes first, off the event loop (it fsyncs). Flushing by bytes too keeps the disk
+        writing while blocks arrive, so the fsync before staging has only the tail left to do."""
         now = time.monotonic()
-        if now - self._last_flush < self._limits.record_flush_interval or self._flushing is not None:
+        if self._flushing is not None or (now - self._last_flush < self._limits.record_flush_interval
+                                          and self._stats.bytes_fetched - self._flushed_bytes < FLUSH_BYTES):
             return
         self._last_flush = now
+        self._flushed_bytes = self._stats.bytes_fetched
         self._flushing = asyncio.get_running_loop().run_in_executor(None, self._record.flush, self._fd)
         self._flushing.add_done_callback(self._flushed)
 

@@ -258,7 +258,7 @@ class Reply:
 
     id: str
     status: Status
-    body: bytes = b""
+    body: bytes | memoryview = b""
     message: str = ""
     offset: int = 0
     total: int = 0
@@ -294,7 +294,7 @@ def decode_reply(data: bytes, *, max_body: int = MAX_BLOCK) -> Reply:
         raise ProtocolError(f"reply header length {hlen} is out of bounds")
     obj = _loads(bytes(data[_HDR.size:_HDR.size + hlen]), MAX_HEADER_BYTES, "reply header")
     _exact_keys(obj, {"v", "id", "status", "message", "offset", "length", "total"}, "reply header")
-    body = bytes(data[_HDR.size + hlen:])
+    body = memoryview(data)[_HDR.size + hlen:]  # a view: a block's bytes are not copied again here
     length = _check_int(obj["length"], "length")
     if length != len(body):
         raise ProtocolError(f"reply header says {length} body bytes, message carries {len(body)}")

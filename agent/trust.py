@@ -80,7 +80,7 @@ class MqttFetcher(FetcherInterface):
             name = url[len(META_URL):]
             reply = self._call(MetaRequest(id=Channel.new_id(), name=name))
             self._check_status(reply, name)
-            yield reply.body
+            yield bytes(reply.body)
             return
         if not url.startswith(TARGET_URL):
             raise tuf_errors.DownloadError(f"unexpected URL {url!r}")
@@ -93,7 +93,7 @@ class MqttFetcher(FetcherInterface):
                 raise tuf_errors.DownloadError(f"{path}: reply does not answer the block request at {offset}")
             total = reply.total
             offset += len(reply.body)
-            yield reply.body
+            yield bytes(reply.body)
 
     @staticmethod
     def _check_status(reply: Any, name: str) -> None:

@@ -13,8 +13,8 @@ tests/mosquitto.py: set_tcp_nodelay, max_queued_messages 0 with a memory_limit, 
 * **edgeship**: ``edgeship serve`` (a subprocess by default, as on a real deployment; ``--server
   thread`` runs it in this process) serves a fresh TUF repository holding the bundle, and a fresh
   ``Agent.run_once()`` (new state directory each time) connects, refreshes TUF, downloads every
-  block (each hashed against TUF), hashes the whole file, verifies the bundle (unpack + signature)
-  and stages it. *End-to-end* is from the start of ``run_once`` to "staged"; *download* is the
+  block (each hashed against TUF, which vouches for the whole file), verifies the bundle while it
+  arrives (unpack + member digests + signature) and stages it. *End-to-end* is from the start of ``run_once`` to "staged"; *download* is the
   download step alone (between the agent's ``downloading`` and ``downloaded`` events).
 
 One unmeasured warm-up (``--warmup``) goes first; then the repetitions are interleaved (raw, then
@@ -400,7 +400,7 @@ def print_table(summary: dict[str, Any]) -> None:
         line(f"edgeship download only ({tag})", row["download"])
     print("\n  where the end-to-end time goes (shares of the median run):")
     names = {"start->refreshed": "connect + TUF refresh", "refreshed->downloading": "select",
-             "downloading->downloaded": "download (blocks + whole-file hash)",
+             "downloading->downloaded": "download (blocks, each hashed)",
              "downloaded->staged": "verify bundle + stage"}
     for row in summary["edgeship"]:
         share = row["phase_share_of_end_to_end"]

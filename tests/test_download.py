@@ -253,3 +253,32 @@ def test_growing_reader_waits_for_checked_blocks_and_stops_on_abort(tmp_path: Pa
     blocked.join(2)
     assert errors and not blocked.is_alive()
     reader.close()
+
+
+@pytest.mark.parametrize("flush_bytes, expect_mid_flush", [(2 * 4096, True), (1 << 40, False)])
+def test_record_is_flushed_every_so_many_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               flush_bytes: int, expect_mid_flush: bool) -> None:
+    """Flushing by bytes (not only by time) keeps the disk writing during a fast download, so
+    the fsync before staging has only the tail left; with neither due, nothing is flushed early."""
+    import agent.download as dl
+
+    monkeypatch.setattr(dl, "FLUSH_BYTES", flush_bytes)
+    flushed: list[int] = []
+    real_flush = dl._Record.flush
+
+    def spy(self: dl._Record, part_fd: int) -> None:
+        if self._dirty:
+            flushed.append(len(self.done))
+        real_flush(self, part_fd)
+
+    monkeypatch.setattr(dl._Record, "flush", spy)
+    data = payload()
+    server, target = setup(data)
+    limits = UpdateLimits(request_timeout=1, blocks_in_flight=1, request_bytes=4096, record_flush_interval=3600)
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, limits)  # type: ignore[arg-type]
+
+    assert run(go()).read_bytes() == data
+    assert bool(flushed) is expect_mid_flush
+    assert all(0 < n < 11 for n in flushed)

@@ -570,11 +570,11 @@ def test_real_repository_is_re_signed_and_its_bundle_served(broker: Broker, tmp_
                 while (await next_hint(c))[0] != v0 + 1:
                     pass
             assert srv.stats.resigns == 1
-            ts = json.loads((await d.request(meta("timestamp.json"))).body)
+            ts = json.loads(bytes((await d.request(meta("timestamp.json"))).body))
             assert ts["signed"]["version"] == v0 + 1
             expires = dt.datetime.fromisoformat(ts["signed"]["expires"].replace("Z", "+00:00"))
             assert expires > dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=23)
-            targets = json.loads((await d.request(meta(f"{pub.targets_version}.targets.json"))).body)
+            targets = json.loads(bytes((await d.request(meta(f"{pub.targets_version}.targets.json"))).body))
             custom = targets["signed"]["targets"][pub.target_path]["custom"]["edgeship"]
             stored = f"{pub.target_path.rpartition('/')[0]}/{pub.sha256}.{pub.target_path.rpartition('/')[2]}"
             bs = custom["block_size"]

@@ -127,7 +127,7 @@ def on_meta(name: str, change: Callable[[bytes], bytes]) -> Callable[..., list[t
     def tamper(device: str, req: MetaRequest | BlockRequest, reply: bytes) -> list[tuple[str, bytes]]:
         if isinstance(req, MetaRequest) and req.name == name:
             r = decode_reply(reply)
-            reply = encode_reply(Reply(id=r.id, status="ok", body=change(r.body), total=r.total))
+            reply = encode_reply(Reply(id=r.id, status="ok", body=change(bytes(r.body)), total=r.total))
         return [(resp_topic(device), reply)]
     return tamper
 
