@@ -48,9 +48,11 @@ class Host(Protocol):
     """The part of agent.host.ModelHost the deployer uses (a fake stands in for it in unit tests)."""
 
     def activate(self, model: str, *, version: str, sha256: str, model_path: Any, runtime: Any, manifest: Any,
-                 threads: int = 1, latency_budget_ms: float = 0.0) -> None: ...
+                 threads: int = 1, latency_budget_ms: float = 0.0, watching: bool = True) -> None: ...
 
     def deactivate(self, model: str) -> None: ...
+
+    def end_watch(self, model: str) -> None: ...
 
     def watch_counters(self, model: str) -> Counters: ...
 
@@ -116,7 +118,8 @@ class Deployer:
         self.host.activate(state.name, version=release.version, sha256=release.sha256, model_path=release.model_path,
                            runtime=release.manifest.runtime.name, manifest=release.manifest,
                            threads=self.install_cfg.threads,
-                           latency_budget_ms=self.watch_cfg.latency_budget_ms if watching else 0.0)
+                           latency_budget_ms=self.watch_cfg.latency_budget_ms if watching else 0.0,
+                           watching=watching)
         if watching:
             self._watch_started[state.name] = time.monotonic()
         log.info("%s %s serving (%s)", state.name, release.version, "watching" if watching else "committed")
@@ -174,6 +177,7 @@ class Deployer:
             if verdict.verdict == "commit":
                 failpoint.hit("watch.commit")
                 self.store.commit(state)
+                self.host.end_watch(model)
                 self._watch_started.pop(model, None)
                 self._emit("committed", model=model, version=state.active.version, detail=verdict.reason)
             elif verdict.verdict == "rollback":

@@ -3,8 +3,9 @@
 :class:`ModelHost` keeps one live :class:`~agent.runtime.Session` per model name.
 
 * :meth:`ModelHost.activate` opens the new session first and then swaps it in
-  under the model's lock. A request holds the activation it started on (a
-  reference count taken under the same lock), so a swap never fails a request:
+  under the model's lock. A request holds the activation it started on (an
+  entry in its list of users, taken without a lock: see ``_enter``), so a swap
+  never fails a request:
   requests already running finish on the old session, and the old session is
   closed when its last in-flight request ends.
 * :meth:`ModelHost.infer` validates the feeds against the declared inputs (the
@@ -12,18 +13,22 @@
   :class:`BadRequest` naming the tensor, or :class:`UnknownModel`. A runtime
   failure raises :class:`~agent.errors.ModelError`.
 * Every model keeps statistics (:class:`ModelStats`: inferences, errors,
-  rejected requests, non-finite outputs, a latency ring buffer), and every
+  rejected requests, non-finite outputs (sampled after the watch window), a
+  latency ring buffer), and every
   activation keeps the counters the daemon's watch window reads to commit or
   roll back (:class:`WatchCounters`). Non-finite outputs are returned to the
   caller unchanged and counted.
 
-The hot path is kept small on purpose: one dict lookup, two short lock
-sections, one validation pass, the runtime call and a non-finite check.
-Pure Python, thread-safe, no network.
+The hot path is kept small on purpose: one dict lookup, a lock-free hold on the
+activation, one exact-match check, the runtime's binding (a request that is not
+exactly what the model declares is validated in full instead), atomic counters,
+and a NaN/Inf check on every call in a watch window, one in ``NONFINITE_SAMPLE``
+after it. Pure Python, thread-safe, no network.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -49,6 +54,14 @@ MAX_LABELS_BYTES = 1 << 20
 _now = time.perf_counter
 _SMALL_FLOAT_OUTPUT = 32
 """Float outputs up to this many elements are checked for NaN/Inf by summing a list (faster than numpy there)."""
+NONFINITE_SAMPLE = 16
+"""Outside its watch window a model's outputs are checked for NaN/Inf on one call in this many
+(every call inside it): the statistics still show a model going bad, at a 16th of the cost."""
+
+
+def _value(counter: itertools.count[int]) -> int:
+    """How many times ``next`` was called on ``counter`` (an atomic counter under the GIL)."""
+    return int(repr(counter)[6:-1])
 
 
 class UnknownModel(UsageError):
@@ -173,14 +186,20 @@ def _shape_check(shape: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[
 class _Activation:
     """One session of one model version. Every mutable field is guarded by the owning slot's lock."""
 
-    def __init__(self, session: Session, info: ModelInfo, latency_budget_ms: float) -> None:
+    def __init__(self, session: Session, info: ModelInfo, latency_budget_ms: float, watching: bool) -> None:
         self.session = session
         self.info = info
         self.budget_s = latency_budget_ms / 1e3 if latency_budget_ms > 0 else math.inf
         self.latency_budget_ms = latency_budget_ms
-        self.in_flight = 0
+        self.users: list[None] = []
+        """One entry per request running on this activation: list.append and list.pop are atomic,
+        so the hot path takes no lock to hold the activation (see ModelHost._enter)."""
         self.retired = False
-        self.inferences = self.errors = self.nonfinite = self.over_budget = 0
+        self.closed = False
+        self.watching = watching
+        self.calls = itertools.count()
+        """Calls that ran the model (watch counter ``inferences``)."""
+        self.errors = self.nonfinite = self.over_budget = 0  # rare: counted under the slot's lock
         self.n_inputs = len(info.inputs)
         self.checks = [(s.name, np.dtype(s.dtype), *_shape_check(s.shape), s) for s in info.inputs]
         self.output_names = [s.name for s in info.outputs]
@@ -188,6 +207,42 @@ class _Activation:
         self.run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] = session.prepared_runner()
         # Feeds are validated here, once; Session.run would validate them again, so the host calls
         # the backend's _run directly and wraps its foreign errors the way Session.run does.
+        exact_ok = all(shape is not None or tail is not None for _, _, shape, tail, _ in self.checks)
+        self.direct = session.direct_runner() if exact_ok else None
+        self.exact = self._exact_check()
+
+    def _exact_check(self) -> Callable[[Mapping[str, np.ndarray]], bool]:
+        """Is a request exactly what the model declares (names, ndarray, dtype, shape: fixed, or
+        any batch size before fixed dims)? Then it may take the direct lane; anything else is
+        validated by :meth:`prepare`."""
+        fixed = [(name, dtype, shape, tail) for name, dtype, shape, tail, _ in self.checks]
+        n, nd = len(fixed), np.ndarray
+        if n == 1:
+            ((name, dtype, shape, tail),) = fixed
+            if shape is not None:
+                def one_fixed(inputs: Mapping[str, np.ndarray]) -> bool:
+                    v = inputs.get(name) if len(inputs) == 1 else None
+                    return type(v) is nd and v.dtype is dtype and v.shape == shape  # type: ignore[union-attr]
+                return one_fixed
+
+            def one_batched(inputs: Mapping[str, np.ndarray]) -> bool:
+                v = inputs.get(name) if len(inputs) == 1 else None
+                return (type(v) is nd and v.dtype is dtype  # type: ignore[union-attr]
+                        and bool(vs := v.shape) and vs[1:] == tail)  # type: ignore[union-attr]
+            return one_batched
+
+        def each(inputs: Mapping[str, np.ndarray]) -> bool:
+            if len(inputs) != n:
+                return False
+            for name, dtype, shape, tail in fixed:
+                v = inputs.get(name)
+                if type(v) is not nd or v.dtype is not dtype:  # type: ignore[union-attr]
+                    return False
+                vs = v.shape  # type: ignore[union-attr]
+                if vs != shape and not (tail is not None and vs and vs[1:] == tail):
+                    return False
+            return True
+        return each
 
     def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(inputs) != self.n_inputs:
@@ -245,8 +300,9 @@ class _Slot:
         self.reset()
 
     def reset(self) -> None:
-        self.inferences = self.errors = self.rejected = self.nonfinite = 0
-        self.latencies: deque[float] = deque(maxlen=self.window)
+        self.calls = itertools.count()  # atomic: the hot path counts without the lock
+        self.errors = self.rejected = self.nonfinite = 0
+        self.latencies: deque[float] = deque(maxlen=self.window)  # append is atomic too
 
 
 class ModelHost:
@@ -268,14 +324,15 @@ class ModelHost:
 
     def activate(self, model: str, *, version: str, sha256: str, model_path: Path, runtime: Runtime,
                  manifest: Manifest, threads: int = 1, latency_budget_ms: float = 0.0,
-                 labels: Sequence[str] | None = None) -> None:
+                 labels: Sequence[str] | None = None, watching: bool = True) -> None:
         """Load ``model_path`` and make it what serves ``model`` (:meth:`info` then describes it).
 
         The new session is opened and checked against ``manifest`` before anything is
         swapped: on any error (:class:`~agent.errors.ModelError`) the old version keeps
         serving. ``labels`` default to the bundle's labels file next to the model file.
         The watch counters start from zero for the new activation; the model's
-        statistics carry on.
+        statistics carry on. While ``watching`` (until :meth:`end_watch`) every call's outputs
+        are checked for NaN/Inf; after it, one call in ``NONFINITE_SAMPLE``.
         """
         check_name(model)
         if manifest.name != model or manifest.version != version or manifest.runtime.name != runtime:
@@ -296,7 +353,7 @@ class ModelHost:
                 ready=True, activated_at=time.monotonic(),
                 labels=None if labels is None else tuple(labels),
             )
-            new = _Activation(session, info, float(latency_budget_ms))
+            new = _Activation(session, info, float(latency_budget_ms), watching)
         except BaseException:
             session.close()
             raise
@@ -332,21 +389,31 @@ class ModelHost:
             return self._drained.wait_for(lambda: self._open == 0, timeout)
 
     def _retire(self, slot: _Slot, act: _Activation) -> None:
-        with slot.lock:
-            act.retired = True
-            idle = act.in_flight == 0
-        if idle:
-            self._close_session(act)
-        else:
+        act.retired = True  # from here on no request starts on it (see _enter)
+        if act.users:
             log.debug("%s %s retired with %d request(s) in flight: closing after them",
-                      slot.name, act.info.version, act.in_flight)
+                      slot.name, act.info.version, len(act.users))
+        self._close_if_idle(act)
 
-    def _close_session(self, act: _Activation) -> None:
+    def _close_if_idle(self, act: _Activation) -> None:
+        """Close a retired activation's session once no request holds it (exactly once)."""
+        if act.users:
+            return
+        with self._lock:
+            if act.closed:
+                return
+            act.closed = True
         act.session.close()
         with self._lock:
             self._open -= 1
             self._drained.notify_all()
         log.debug("closed the session of %s %s", act.info.name, act.info.version)
+
+    def end_watch(self, model: str) -> None:
+        """The release serving ``model`` left its watch window: sample the NaN/Inf check from now on."""
+        act = self._active(model)
+        if act is not None:
+            act.watching = False
 
     # --- inference --------------------------------------------------------------------
 
@@ -363,58 +430,80 @@ class ModelHost:
         slot = self._slots.get(model)
         if slot is None:
             raise UnknownModel(f"model {model!r} is not active here")
-        lock = slot.lock
-        lock.acquire()
-        act = slot.active
-        if act is None or (version is not None and act.info.version != version):
-            lock.release()
-            what = repr(model) if act is None else f"{model!r} version {version!r} (serving {act.info.version})"
-            raise UnknownModel(f"model {what} is not active here")
-        act.in_flight += 1
-        lock.release()
-
-        start = _now()
-        outcome = 1  # 1 rejected (until the feeds pass), 2 runtime error (until the outputs are in), 0 ok
-        nonfinite = False
+        act = self._enter(slot, model, version)
         try:
-            feeds = act.prepare(inputs)
-            outcome = 2
-            try:
-                results = act.run(feeds)
-                outputs = {}
-                for name in act.output_names:
-                    value = results[name]
-                    outputs[name] = value if type(value) is np.ndarray else np.asarray(value)
-            except Exception as exc:  # a foreign runtime error: wrap it, never leak its type
-                raise ModelError(f"{act.info.backend} failed to run {model} {act.info.version}: "
-                                 f"{_describe(exc)}") from exc
-            nonfinite = act.has_nonfinite(outputs)
-            outcome = 0
-        finally:
+            start = _now()
+            outputs: dict[str, np.ndarray] | None = None
+            direct = act.direct
+            if direct is not None and act.exact(inputs):
+                try:
+                    outputs = direct(inputs)  # type: ignore[assignment]
+                except Exception:  # noqa: BLE001 - taken again the validated way below, which names it
+                    outputs = None
+            if outputs is None:
+                outputs = self._validated_call(slot, act, model, inputs)
             elapsed = _now() - start
-            lock.acquire()
-            act.in_flight -= 1
-            if outcome == 0:
-                act.inferences += 1
-                slot.inferences += 1
-                if nonfinite:
+            slot.latencies.append(elapsed)
+            next(slot.calls)
+            n = next(act.calls)
+            if act.watching:
+                if elapsed > act.budget_s:
+                    with slot.lock:
+                        act.over_budget += 1
+                check = True
+            else:
+                check = not n % NONFINITE_SAMPLE
+            if check and act.float_outputs and act.has_nonfinite(outputs):
+                with slot.lock:
                     act.nonfinite += 1
                     slot.nonfinite += 1
-                if elapsed > act.budget_s:
-                    act.over_budget += 1
-                slot.latencies.append(elapsed)
-            elif outcome == 1:
+            return outputs, act.info
+        finally:
+            act.users.pop()
+            if act.retired:
+                self._close_if_idle(act)
+
+    def _enter(self, slot: _Slot, model: str, version: str | None) -> _Activation:
+        """The activation serving ``model``, held for one request (no lock: see _Activation.users).
+
+        A request registers itself and only then checks that the activation is not retired; a
+        swap marks it retired and only then looks for requests. So either the request sees the
+        mark and moves to the new activation, or the swap sees the request and the session
+        stays open until the request ends."""
+        while True:
+            act = slot.active
+            if act is None or (version is not None and act.info.version != version):
+                what = repr(model) if act is None else f"{model!r} version {version!r} (serving {act.info.version})"
+                raise UnknownModel(f"model {what} is not active here")
+            act.users.append(None)
+            if not act.retired:
+                return act
+            act.users.pop()
+            self._close_if_idle(act)
+
+    def _validated_call(self, slot: _Slot, act: _Activation, model: str,
+                        inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            feeds = act.prepare(inputs)
+        except BadRequest:
+            with slot.lock:
                 slot.rejected += 1
-            else:
-                act.inferences += 1
+            raise
+        try:
+            results = act.run(feeds)
+            outputs = {}
+            for name in act.output_names:
+                value = results[name]
+                outputs[name] = value if type(value) is np.ndarray else np.asarray(value)
+            return outputs
+        except Exception as exc:  # a foreign runtime error: wrap it, never leak its type
+            next(act.calls)
+            next(slot.calls)
+            with slot.lock:
                 act.errors += 1
-                slot.inferences += 1
                 slot.errors += 1
-            drained = act.retired and act.in_flight == 0
-            lock.release()
-            if drained:
-                self._close_session(act)
-        return outputs, act.info
+            raise ModelError(f"{act.info.backend} failed to run {model} {act.info.version}: "
+                             f"{_describe(exc)}") from exc
 
     # --- observation ------------------------------------------------------------------
 
@@ -441,7 +530,7 @@ class ModelHost:
             if act is None:
                 raise UnknownModel(f"model {model!r} is not active here")
             return WatchCounters(activated_at=act.info.activated_at, version=act.info.version,
-                                 sha256=act.info.sha256, inferences=act.inferences, errors=act.errors,
+                                 sha256=act.info.sha256, inferences=_value(act.calls), errors=act.errors,
                                  nonfinite=act.nonfinite, over_budget=act.over_budget,
                                  latency_budget_ms=act.latency_budget_ms)
 
@@ -452,9 +541,9 @@ class ModelHost:
             if act is None:
                 raise UnknownModel(f"model {model!r} is not active here")
             samples = sorted(slot.latencies)
-            stats = ModelStats(name=model, version=act.info.version, inferences=slot.inferences,
+            stats = ModelStats(name=model, version=act.info.version, inferences=_value(slot.calls),
                                errors=slot.errors, rejected=slot.rejected, nonfinite=slot.nonfinite,
-                               in_flight=act.in_flight, window=len(samples), p50_ms=_percentile(samples, 50),
+                               in_flight=len(act.users), window=len(samples), p50_ms=_percentile(samples, 50),
                                p95_ms=_percentile(samples, 95), p99_ms=_percentile(samples, 99))
         return stats
 

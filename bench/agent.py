@@ -7,9 +7,14 @@ For each runtime, in the same run and on the same input (batch 1, 1 thread):
 
 * **bare**: the runtime with nothing on top: LiteRT's ``Interpreter`` (``set_tensor``, ``invoke``,
   ``get_tensor``) or an onnxruntime ``InferenceSession.run``, each made the way agent.runtime makes it;
-* **Session.run**: agent.runtime's session (feed validation; LiteRT through its signature runner);
-* **host.infer**: :meth:`agent.host.ModelHost.infer`, the Python call the agent serves with
-  (validation, swap-safe reference count, statistics, NaN/Inf check);
+* **binding**: the C++ binding under that API (LiteRT's interpreter wrapper without the Python
+  method's buffer-safety check, onnxruntime's ``_sess.run`` without its Python feed-name check): what
+  the host's direct lane calls, shown so that the host's own cost can be read off;
+* **Session.run**: agent.runtime's session (feed validation, then the backend);
+* **host.infer**: :meth:`agent.host.ModelHost.infer` for a committed release, the Python call the
+  agent serves with: a request that is exactly what the model declares takes the direct lane (one
+  type/dtype/shape check, the binding; swap-safe hold, statistics, NaN/Inf check on 1 call in 16);
+* **host, watching**: the same during a watch window (NaN/Inf check and latency budget on every call);
 * **HTTP binary / HTTP JSON**: ``POST /v2/models/m/infer`` to :class:`agent.serve.InferenceServer` on
   127.0.0.1 from a separate client process holding one keep-alive ``http.client`` connection: the
   binary tensor extension (what tritonclient sends) and plain JSON tensors; client-measured round trip.
@@ -48,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 from agent.host import ModelHost  # noqa: E402
 from agent.manifest import DeviceClass, Manifest, Runtime, RuntimeReq, SelfTestSpec  # noqa: E402
 from agent.runtime import Session, open_session  # noqa: E402
-from agent.serve import DATATYPES, InferenceServer  # noqa: E402
+from agent.oip import DATATYPES  # noqa: E402
+from agent.serve import InferenceServer  # noqa: E402
 
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "edgeship-bench-agent"
 TARGET_RATIO = 1.1
@@ -99,7 +105,10 @@ def sample_inputs(session: Session) -> dict[str, np.ndarray]:
     return feeds
 
 
-def bare_runner(runtime: str, path: Path, session: Session, feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
+def bare_runner(runtime: str, path: Path, session: Session, feeds: dict[str, np.ndarray], *,
+                binding: bool = False) -> Callable[[], Any]:
+    """The runtime's public Python API; with ``binding``, the C++ binding under it (LiteRT's
+    wrapper, onnxruntime's ``_sess``), as agent.runtime's direct lane calls it."""
     if runtime == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
@@ -113,6 +122,9 @@ def bare_runner(runtime: str, path: Path, session: Session, feeds: dict[str, np.
         pairs = [(d["index"], v) for d, v in zip(details, values)]
         outs = [d["index"] for d in it.get_output_details()]
         set_tensor, invoke, get_tensor = it.set_tensor, it.invoke, it.get_tensor
+        if binding:
+            raw = it._interpreter  # noqa: SLF001 - what the direct lane calls
+            set_tensor, invoke, get_tensor = raw.SetTensor, raw.Invoke, lambda i: raw.GetTensor(i, 0)
 
         def bare_tflite() -> Any:
             for index, value in pairs:
@@ -128,6 +140,9 @@ def bare_runner(runtime: str, path: Path, session: Session, feeds: dict[str, np.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
+    if binding:
+        raw_run = sess._sess.run  # noqa: SLF001 - what the direct lane calls
+        return lambda: raw_run(names, feeds, None)
     run = sess.run
     return lambda: run(names, feeds)
 
@@ -226,7 +241,8 @@ RSS_PROBE = textwrap.dedent(r"""
         host.activate("m", version=m.version, sha256="0" * 64, model_path=path, runtime=runtime, manifest=m)
         host.infer("m", feeds_for(manifest["inputs"]))
         if kind in ("serve", "agent"):
-            from agent.serve import Client, InferenceServer
+            from agent.serve import InferenceServer
+            from agent.serve_client import Client
             server = InferenceServer(host).start()
             client = Client(server.url)
             client.infer("m", feeds_for(manifest["inputs"]))
@@ -258,12 +274,18 @@ def bench_runtime(runtime: Runtime, path: Path, args: argparse.Namespace) -> dic
     session = open_session(runtime, path)
     feeds = sample_inputs(session)
     manifest = manifest_for(session, runtime)
-    host = ModelHost()
-    host.activate(MODEL, version="1.0.0", sha256="0" * 64, model_path=path, runtime=runtime, manifest=manifest)
+    host = ModelHost()  # a committed release: the steady state
+    host.activate(MODEL, version="1.0.0", sha256="0" * 64, model_path=path, runtime=runtime, manifest=manifest,
+                  watching=False)
+    watched = ModelHost()  # the same model in its watch window: every output checked, the budget too
+    watched.activate(MODEL, version="1.0.0", sha256="0" * 64, model_path=path, runtime=runtime, manifest=manifest,
+                     latency_budget_ms=1000.0)
     rows: dict[str, Callable[[], Any]] = {
         "bare": bare_runner(runtime, path, session, feeds),
+        "binding": bare_runner(runtime, path, session, feeds, binding=True),
         "Session.run": lambda: session.run(feeds),
         "host.infer": lambda: host.infer(MODEL, feeds),
+        "host, watching": lambda: watched.infer(MODEL, feeds),
     }
     reference = host.infer(MODEL, feeds)
     for name, fn in rows.items():  # same answers, and warm
@@ -283,6 +305,7 @@ def bench_runtime(runtime: Runtime, path: Path, args: argparse.Namespace) -> dic
             samples["HTTP JSON"] += got["json"]
     stats = host.stats(MODEL)
     host.close()
+    watched.close()
     session.close()
     table = {name: percentiles(s) for name, s in samples.items()}
     bare = table["bare"]["p50_ms"]
@@ -311,9 +334,9 @@ def verdicts(result: dict[str, Any]) -> dict[str, bool]:
 def print_table(results: list[dict[str, Any]]) -> None:
     for r in results:
         print(f"\n{r['runtime']}: {Path(r['model']).name} on {r['backend']}, input {r['input']}")
-        print(f"  {'row':<14} {'p50 ms':>9} {'p99 ms':>9} {'x bare':>7} {'+us':>8} {'calls':>7}")
+        print(f"  {'row':<16} {'p50 ms':>9} {'p99 ms':>9} {'x bare':>7} {'+us':>8} {'calls':>7}")
         for name, row in r["rows"].items():
-            print(f"  {name:<14} {row['p50_ms']:>9.4f} {row['p99_ms']:>9.4f} {row['ratio']:>7.2f} "
+            print(f"  {name:<16} {row['p50_ms']:>9.4f} {row['p99_ms']:>9.4f} {row['ratio']:>7.2f} "
                   f"{row['overhead_us']:>8.1f} {row['calls']:>7}")
         rows = r["rows"]
         print(f"  host.infer / Session.run p50: {rows['host.infer']['p50_ms'] / rows['Session.run']['p50_ms']:.2f}")

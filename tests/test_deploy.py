@@ -40,16 +40,21 @@ class FakeHost:
     active: dict[str, tuple[str, str]] = field(default_factory=dict)
     counters: dict[str, FakeCounters] = field(default_factory=dict)
     activations: list[tuple[str, str]] = field(default_factory=list)
+    watching: dict[str, bool] = field(default_factory=dict)
 
     def activate(self, model: str, *, version: str, sha256: str, model_path: Any, runtime: Any, manifest: Any,
-                 threads: int = 1, latency_budget_ms: float = 0.0) -> None:
+                 threads: int = 1, latency_budget_ms: float = 0.0, watching: bool = True) -> None:
         assert Path(model_path).is_file()
         self.active[model] = (version, sha256)
+        self.watching[model] = watching
         self.counters[model] = FakeCounters(sha256=sha256)
         self.activations.append((model, version))
 
     def deactivate(self, model: str) -> None:
         self.active.pop(model, None)
+
+    def end_watch(self, model: str) -> None:
+        self.watching[model] = False
 
     def watch_counters(self, model: str) -> FakeCounters:
         return self.counters[model]
@@ -106,11 +111,12 @@ def test_install_watch_commit_then_rollback(tmp_path: Path, releases: dict[str, 
     install(d, release_key)
     st = store.load("mlp")
     assert st.status == "watching" and st.active.sha256 == sha1 and st.staged is None  # type: ignore[union-attr]
-    assert host.active["mlp"] == ("1.0.0", sha1)
+    assert host.active["mlp"] == ("1.0.0", sha1) and host.watching["mlp"]
     assert not store.bundle_path(sha1).exists() and store.release_dir(sha1).is_dir()
     host.counters["mlp"].inferences = 5
     d.check_watches(["mlp"])
     assert store.load("mlp").status == "active"
+    assert not host.watching["mlp"]  # committed: the host samples its NaN/Inf check from now on
 
     sha2 = stage(store, releases["1.1.0"], "1.1.0")
     install(d, release_key)
@@ -120,7 +126,7 @@ def test_install_watch_commit_then_rollback(tmp_path: Path, releases: dict[str, 
     d.check_watches(["mlp"])
     st = store.load("mlp")
     assert st.status == "rolled_back" and st.active.sha256 == sha1 and sha2 in st.refused  # type: ignore[union-attr]
-    assert host.active["mlp"] == ("1.0.0", sha1)
+    assert host.active["mlp"] == ("1.0.0", sha1) and not host.watching["mlp"]  # back on a committed release
     assert not store.release_dir(sha2).exists()  # the failed release is pruned
     assert [e["step"] for e in events].count("rolled_back") == 1
 

@@ -221,6 +221,55 @@ def test_manifest_fixes_a_dynamic_dimension(models: dict[str, Path], host: Model
         host.infer("mlp", {"x": X})
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "tflite"])
+def test_exact_requests_take_the_direct_lane(models: dict[str, Path], host: ModelHost, runtime: Runtime) -> None:
+    """Feeds that are exactly what a fixed-shape model declares skip the host's own validation and
+    the runtime's Python layer; anything else is validated as before, with the same answers."""
+    m = manifest_for(models[f"{runtime}0"], runtime)
+    pinned = Manifest(**{**m.__dict__, "inputs": (type(m.inputs[0])(name="x", dtype="float32", shape=(5, 8)),)})
+    host.activate("mlp", version="1.0.0", sha256=SHA, model_path=models[f"{runtime}0"], runtime=runtime,
+                  manifest=pinned)
+    act = host._slots["mlp"].active  # noqa: SLF001 - count the direct lane's calls
+    assert act is not None and act.direct is not None
+    direct, taken = act.direct, []
+
+    def counting(feeds):  # type: ignore[no-untyped-def]
+        taken.append(feeds)
+        return direct(feeds)
+
+    act.direct = counting
+    for _ in range(3):
+        np.testing.assert_allclose(host.infer("mlp", {"x": X})["probs"], reference(0), rtol=1e-5, atol=1e-6)
+    wide = np.repeat(X, 2, axis=1)[:, ::2]  # exact dtype and shape, not contiguous: the runtime copies it
+    np.testing.assert_allclose(host.infer("mlp", {"x": wide})["probs"], reference(0, wide), rtol=1e-5, atol=1e-6)
+    assert len(taken) == 4
+    for feeds, message in [({"x": X.astype(np.float64)}, "dtype float64"), ({"x": X[:2]}, r"shape \[2, 8\]"),
+                           ({"x": X.tolist()}, "expected a numpy array"), ({"x": X, "y": X}, "unknown input")]:
+        with pytest.raises(BadRequest, match=message):
+            host.infer("mlp", feeds)  # type: ignore[arg-type]
+    assert len(taken) == 4  # none of those went the direct way
+    stats = host.stats("mlp")
+    assert (stats.inferences, stats.rejected, stats.errors, stats.in_flight) == (4, 4, 0, 0)
+
+
+def test_nonfinite_check_is_sampled_after_the_watch_window(models: dict[str, Path], host: ModelHost) -> None:
+    activate(host, models["nan"], "onnx", name="nan")  # watching: every call is checked
+    x = np.ones((1, 4), np.float32)
+    for _ in range(32):
+        host.infer("nan", {"x": x})
+    assert host.watch_counters("nan").nonfinite == 32
+    host.end_watch("nan")
+    host.reset_stats("nan")
+    for _ in range(64):
+        assert np.isnan(host.infer("nan", {"x": x})["y"]).all()  # outputs are returned as they are
+    assert host.stats("nan").nonfinite == 64 // 16
+    assert host.stats("nan").inferences == 64
+    activate(host, models["nan"], "onnx", name="nan", version="1.0.1", watching=False)  # a committed release
+    for _ in range(16):
+        host.infer("nan", {"x": x})
+    assert host.watch_counters("nan").nonfinite == 1
+
+
 def test_deactivate_and_close(models: dict[str, Path]) -> None:
     host = ModelHost()
     activate(host, models["onnx0"], "onnx")
