@@ -27,7 +27,9 @@ Idle memory: fresh processes that load the model, run it once and then report ``
 the HTTP server after serving one request; and that with everything ``edgeship-agent run`` imports
 (agent.cli, agent.daemon: MQTT, TUF, crypto), i.e. the agent process minus its broker connection.
 
-Targets: host.infer p50 within 1.1x of bare; HTTP p50 under 0.5 ms; host + model RSS at most 50 MB.
+Targets: host.infer p50 within 1.1x of bare; HTTP p50 under 0.5 ms; the agent's RSS with the model at most
+50 MB (judged on the last memory row; the running agent, connected and after its first update, holds
+several MB more: docs/agent.md).
 Models: ``digits`` (examples/digits: the project's small CNN, 8x8 input, 10 classes; converted to
 TFLite with packager.convert and cached in --workdir), ``mlp`` (tests.modelfactory's 8-16-4 MLP,
 the smallest possible: it shows the fixed per-call overhead), or a model file.
@@ -328,7 +330,8 @@ def verdicts(result: dict[str, Any]) -> dict[str, bool]:
     return {"host.infer within 1.1x of bare": rows["host.infer"]["ratio"] <= TARGET_RATIO,
             "HTTP binary p50 < 0.5 ms": rows["HTTP binary"]["p50_ms"] < TARGET_HTTP_P50_MS,
             "HTTP JSON p50 < 0.5 ms": rows["HTTP JSON"]["p50_ms"] < TARGET_HTTP_P50_MS,
-            "host + model RSS <= 50 MB": memory["host"]["rss_mb"] <= TARGET_RSS_MB}
+            "agent (host, HTTP server, the daemon's imports) + model RSS <= 50 MB":
+                memory["agent"]["rss_mb"] <= TARGET_RSS_MB}
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
