@@ -492,14 +492,15 @@ def test_two_servers_one_killed_mid_download(broker: Broker, tmp_path: Path, rel
         async with make_client(settings, identifier="observer", protocol="3.1.1") as obs:
             await obs.subscribe(req_topic(device), qos=1)  # a plain subscriber sees every request too
             watcher = asyncio.ensure_future(observe(obs))
+            # Freeze A before the device asks for anything, so that it holds requests when it dies however
+            # fast the download runs; kill it once a block request it holds has timed out and been asked
+            # again (the broker deals the shared subscription's messages round robin, so A gets some).
+            servers[0].send_signal(signal.SIGSTOP)
             try:
                 async with running_agent(cfg, staged) as agent:
-                    await wait_for(lambda: len(seen) >= 2, 20, "the download started")
-                    # Freeze A first, so that it holds requests when it dies whatever this machine's speed;
-                    # kill it once a request it holds has timed out and been asked again (the broker deals the
-                    # shared subscription's messages round robin, so A soon gets one).
-                    servers[0].send_signal(signal.SIGSTOP)
-                    await wait_for(lambda: agent.status.downloads[-1].retries >= 1, 15, "a request lost at A")
+                    await wait_for(lambda: len(seen) >= 2, 30, "the download started")
+                    await wait_for(lambda: bool(agent.status.downloads) and agent.status.downloads[-1].retries >= 1,
+                                   15, "a request lost at A")
                     facts["recorded_at_kill"] = len(recorded_blocks(state, sha256_of(big_bundle)))
                     facts["fetched_at_kill"] = agent.status.downloads[-1].blocks_fetched
                     facts["staged_at_kill"] = held_version(state, "big")
