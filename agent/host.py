@@ -430,7 +430,15 @@ class ModelHost:
         slot = self._slots.get(model)
         if slot is None:
             raise UnknownModel(f"model {model!r} is not active here")
-        act = self._enter(slot, model, version)
+        act = slot.active  # _enter, inlined for the common case
+        if act is None or version is not None:
+            act = self._enter(slot, model, version)
+        else:
+            act.users.append(None)
+            if act.retired:
+                act.users.pop()
+                self._close_if_idle(act)
+                act = self._enter(slot, model, version)
         try:
             start = _now()
             outputs: dict[str, np.ndarray] | None = None
@@ -444,19 +452,15 @@ class ModelHost:
                 outputs = self._validated_call(slot, act, model, inputs)
             elapsed = _now() - start
             slot.latencies.append(elapsed)
-            next(slot.calls)
-            n = next(act.calls)
-            if act.watching:
-                if elapsed > act.budget_s:
-                    with slot.lock:
-                        act.over_budget += 1
-                check = True
-            else:
-                check = not n % NONFINITE_SAMPLE
-            if check and act.float_outputs and act.has_nonfinite(outputs):
+            n = next(slot.calls)
+            if elapsed > act.budget_s:
+                with slot.lock:
+                    act.over_budget += 1
+            if (act.watching or not n % NONFINITE_SAMPLE) and act.float_outputs and act.has_nonfinite(outputs):
                 with slot.lock:
                     act.nonfinite += 1
                     slot.nonfinite += 1
+            next(act.calls)  # last: a watch that sees this call counted sees its faults counted too
             return outputs, act.info
         finally:
             act.users.pop()
@@ -497,11 +501,11 @@ class ModelHost:
                 outputs[name] = value if type(value) is np.ndarray else np.asarray(value)
             return outputs
         except Exception as exc:  # a foreign runtime error: wrap it, never leak its type
-            next(act.calls)
-            next(slot.calls)
             with slot.lock:
                 act.errors += 1
                 slot.errors += 1
+            next(slot.calls)
+            next(act.calls)  # after the error, as in call()
             raise ModelError(f"{act.info.backend} failed to run {model} {act.info.version}: "
                              f"{_describe(exc)}") from exc
 

@@ -209,7 +209,8 @@ class Session(ABC):
 
     def direct_runner(self) -> Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None:
         """The cheapest call the backend offers, for feeds that match :attr:`inputs` exactly (the
-        declared names, dtypes and fixed shapes, C-contiguous), or None when there is none.
+        declared names, numpy arrays of the declared dtypes and shapes; both runtimes copy a
+        non-contiguous array themselves), or None when there is none.
 
         It checks nothing the runtime does not check itself, and a runtime may accept what
         :meth:`run` would refuse (a list for an array); so a caller uses it only for feeds it has
@@ -269,6 +270,8 @@ class _OrtSession(Session):
         names = self._output_names
 
         def direct(feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            if self._session is None:
+                raise ValueError("the session is closed")
             return dict(zip(names, run(names, feeds, None)))
         return direct
 

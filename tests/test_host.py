@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -153,6 +154,32 @@ def test_nonfinite_outputs_are_returned_and_counted(models: dict[str, Path], hos
     assert host.watch_counters("mlp").nonfinite == 0
 
 
+def test_a_call_is_counted_in_the_watch_only_with_its_faults(models: dict[str, Path], host: ModelHost) -> None:
+    """The deployer commits once ``inferences`` reaches the window: a call that has run but whose
+    NaN has not been counted yet must not count as a clean inference in between."""
+    activate(host, models["nan"], "onnx", name="nan")
+    act = host._slots["nan"].active  # noqa: SLF001 - hold the call between running and counting
+    assert act is not None
+    checking, release = threading.Event(), threading.Event()
+    real = act.has_nonfinite
+
+    def slow_check(outputs):  # type: ignore[no-untyped-def]
+        checking.set()
+        assert release.wait(10)
+        return real(outputs)
+
+    act.has_nonfinite = slow_check
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(host.infer, "nan", {"x": np.ones((1, 4), np.float32)})
+        assert checking.wait(10)
+        mid = host.watch_counters("nan")
+        release.set()
+        done.result(10)
+    assert (mid.inferences, mid.nonfinite) == (0, 0)
+    after = host.watch_counters("nan")
+    assert (after.inferences, after.nonfinite) == (1, 1)
+
+
 @pytest.mark.parametrize("values", [[1.0, np.inf, 0.0, 0.0], [np.float32(3e38)] * 4, [-np.inf, np.inf, 1, 2]])
 def test_the_small_output_check_is_exact(values: list[float], models: dict[str, Path], host: ModelHost) -> None:
     """y = (x - x) / (x - x) is NaN for finite x; for x = inf it is NaN too. Check the list-sum path on
@@ -176,10 +203,13 @@ def test_latency_budget_and_percentiles(models: dict[str, Path]) -> None:
         assert stats.window == 8 and stats.inferences == 20
         assert stats.p50_ms is not None and stats.p95_ms is not None and stats.p99_ms is not None
         assert 0 < stats.p50_ms <= stats.p95_ms <= stats.p99_ms < 1000
+        host.end_watch("mlp")  # a budget still counts after the watch window
+        host.infer("mlp", {"x": X})
+        assert host.watch_counters("mlp").over_budget == 21
         host.reset_stats("mlp")
         stats = host.stats("mlp")
         assert (stats.inferences, stats.window, stats.p50_ms) == (0, 0, None)
-        assert host.watch_counters("mlp").inferences == 20  # the watch window is not reset with the stats
+        assert host.watch_counters("mlp").inferences == 21  # the watch window is not reset with the stats
         activate(host, models["onnx1"], "onnx", version="1.1.0")  # no budget: nothing is over it
         host.infer("mlp", {"x": X})
         watch = host.watch_counters("mlp")
@@ -347,16 +377,21 @@ def test_swaps_under_concurrent_load_never_fail_a_request(models: dict[str, Path
                 return
 
     threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for i in range(20):
-        version = "1.1.0" if i % 2 == 0 else "1.0.0"
-        runtime, path, _ = releases[version]
-        activate(host, path, runtime, version=version)
-        time.sleep(0.01)
-    stop.set()
-    for t in threads:
-        t.join(timeout=30)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows: the hold takes no lock
+    try:
+        for t in threads:
+            t.start()
+        for i in range(20):
+            version = "1.1.0" if i % 2 == 0 else "1.0.0"
+            runtime, path, _ = releases[version]
+            activate(host, path, runtime, version=version)
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        sys.setswitchinterval(interval)
     assert failures == []
     assert seen["1.0.0"] > 0 and seen["1.1.0"] > 0
     assert host.stats("mlp").errors == 0 and host.stats("mlp").inferences == sum(seen.values())
