@@ -7,15 +7,21 @@ an exit code. Tracebacks are for bugs only (or ``EDGESHIP_DEBUG=1``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
 from agent.errors import BadData, EdgeshipError, LinkError, UsageError
+
+if TYPE_CHECKING:
+    from agent.mqtt import BrokerSettings
 
 EXIT_OK = 0
 EXIT_BAD_DATA = 1
@@ -88,3 +94,46 @@ def password_from_env(env: str | None, *, option: str = "--password-env") -> str
     if value is None:
         raise UsageError(f"environment variable {env} (from {option}) is not set")
     return value
+
+
+@dataclass(frozen=True)
+class BrokerArgs:
+    """The broker options of a command, as given; :meth:`settings` checks and resolves them."""
+
+    url: str
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+    username: str | None
+    password_env: str | None
+
+    def settings(self) -> BrokerSettings:
+        from agent.mqtt import parse_broker_url
+
+        return parse_broker_url(self.url, ca=self.ca, cert=self.cert, key=self.key, username=self.username,
+                                password=password_from_env(self.password_env))
+
+
+_BROKER_OPTIONS = (
+    click.option("--broker", "broker_url", required=True, metavar="URL",
+                 help="mqtt://host[:1883] or mqtts://host[:8883]."),
+    click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), help="CA certificate of the broker (mqtts)."),
+    click.option("--cert", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate (mqtts)."),
+    click.option("--key", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate's private key."),
+    click.option("--username", help="Broker username."),
+    click.option("--password-env", metavar="VAR", help="Environment variable holding the broker password."),
+)
+
+
+def broker_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--broker URL --ca --cert --key --username --password-env``, handed to the command as one
+    ``broker: BrokerArgs`` argument."""
+
+    @functools.wraps(f)
+    def command(*args: Any, broker_url: str, ca: Path | None, cert: Path | None, key: Path | None,
+                username: str | None, password_env: str | None, **kwargs: Any) -> Any:
+        return f(*args, broker=BrokerArgs(broker_url, ca, cert, key, username, password_env), **kwargs)
+
+    for option in reversed(_BROKER_OPTIONS):
+        command = option(command)
+    return command

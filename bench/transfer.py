@@ -46,7 +46,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,8 @@ from agent.mqtt import parse_broker_url  # noqa: E402
 from agent.protocol import HINT_TOPIC  # noqa: E402
 from agent.settings import AgentConfig  # noqa: E402
 from packager.repo import BLOCK_SIZE  # noqa: E402
-from tests.mosquitto import Broker, start_broker  # noqa: E402
+from tests.mosquitto import Broker, start_broker, stop_process  # noqa: E402
+from tests.updatechannel import make_repo  # noqa: E402
 
 MODEL = "bench"
 VERSION = "1.0.0"
@@ -117,15 +117,6 @@ def cached_bundle(workdir: Path, size_mib: int) -> tuple[Path, Path]:
     build_bundle(req, load_private_key(key.private_path, passphrase=None))
     model.unlink()
     return bundle, pub
-
-
-def make_repo(path: Path, bundle: Path, pub: Path) -> Path:
-    from packager.repo import init_repo, publish
-
-    now = datetime.now(timezone.utc)
-    init_repo(path, release_keys=[pub], now=now)
-    publish(path, bundle, now=now)
-    return path
 
 
 # --- raw paho stream -------------------------------------------------------------------------
@@ -222,12 +213,7 @@ def server_process(repo: Path, broker: Broker, log_path: Path) -> Iterator[None]
             raise RuntimeError(f"{e}; server log {log_path}:\n{log_path.read_text(errors='replace')[-2000:]}") from None
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -331,7 +317,7 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
     res = Results(size=len(data), edgeship={s: [] for s in settings})
     with tempfile.TemporaryDirectory(prefix="run-", dir=workdir) as tmp_name:
         tmp = Path(tmp_name)
-        repo = make_repo(tmp / "repo", bundle, pub)
+        repo = make_repo(tmp / "repo", pub, bundle)
         broker = start_broker(tmp / "mosquitto")
         try:
             serving = (server_process(repo, broker, tmp / "server.log") if args.server == "process"

@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import click
 
-from agent.cliutil import echo_json, json_option
-from agent.cliutil import password_from_env
-from agent.mqtt import parse_broker_url
-
-
-_password = password_from_env
+from agent.cliutil import BrokerArgs, broker_options, echo_json, json_option
 
 
 @click.group("fleet")
@@ -29,13 +23,7 @@ def fleet() -> None:
 
 
 @fleet.command("status")
-@click.option("--broker", "broker_url", required=True, metavar="URL",
-              help="mqtt://host[:1883] or mqtts://host[:8883].")
-@click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), help="CA certificate of the broker (mqtts).")
-@click.option("--cert", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate (mqtts).")
-@click.option("--key", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate's private key.")
-@click.option("--username", help="Broker username.")
-@click.option("--password-env", metavar="VAR", help="Environment variable holding the broker password.")
+@broker_options
 @click.option("--group", help="Only devices in this group.")
 @click.option("--model", help="Only this model (and the devices that run it).")
 @click.option("--wait", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
@@ -45,14 +33,12 @@ def fleet() -> None:
 @click.option("--telemetry-wait", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
               help="Also wait up to this many seconds for telemetry from every online device.")
 @json_option
-def status(broker_url: str, ca: Path | None, cert: Path | None, key: Path | None, username: str | None,
-           password_env: str | None, group: str | None, model: str | None, wait: float, quiet_s: float,
+def status(broker: BrokerArgs, group: str | None, model: str | None, wait: float, quiet_s: float,
            telemetry_wait: float, as_json: bool) -> None:
     """Show every device's models, versions, status, presence and latest telemetry."""
     from packager.fleet import CollectLimits, collect, summarize
 
-    settings = parse_broker_url(broker_url, ca=ca, cert=cert, key=key, username=username,
-                                password=_password(password_env))
+    settings = broker.settings()
     limits = CollectLimits(wait=wait, quiet=min(quiet_s, wait), telemetry_wait=telemetry_wait)
     got = asyncio.run(collect(settings, limits))
     snap = got.snapshot

@@ -16,36 +16,25 @@ from pathlib import Path
 
 import click
 
-from agent.cliutil import password_from_env
+from agent.cliutil import BrokerArgs, broker_options
 from agent.errors import UsageError
-from agent.mqtt import parse_broker_url
 from agent.protocol import MAX_BLOCK
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-_password = password_from_env
-
 
 @click.command("serve")
 @click.option("--repo", "repo_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Repository directory (its metadata/ and targets/ are served).")
-@click.option("--broker", "broker_url", required=True, metavar="URL",
-              help="mqtt://host[:1883] or mqtts://host[:8883].")
-@click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), help="CA certificate of the broker (mqtts).")
-@click.option("--cert", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate (mqtts).")
-@click.option("--key", type=click.Path(path_type=Path, dir_okay=False), help="Client certificate's private key.")
-@click.option("--username", help="Broker username.")
-@click.option("--password-env", metavar="VAR", help="Environment variable holding the broker password.")
+@broker_options
 @click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto", show_default=True,
               help="MQTT version; auto tries 5 (shared subscription) and falls back to 3.1.1.")
 @click.option("--block-limit", type=click.IntRange(1, MAX_BLOCK), default=MAX_BLOCK, show_default=True,
               help="Largest block, in bytes, a device may ask for.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
               help="Log level of the server's lines on stderr.")
-def serve(repo_dir: Path, broker_url: str, ca: Path | None, cert: Path | None, key: Path | None,
-          username: str | None, password_env: str | None, protocol: str, block_limit: int,
-          log_level: str) -> None:
+def serve(repo_dir: Path, broker: BrokerArgs, protocol: str, block_limit: int, log_level: str) -> None:
     """Serve a repository's metadata and target blocks to devices over MQTT."""
     from packager.server import ServerLimits
     from packager.server import serve as run_server
@@ -54,8 +43,7 @@ def serve(repo_dir: Path, broker_url: str, ca: Path | None, cert: Path | None, k
         raise UsageError(f"repository directory {repo_dir} not found")
     if not (repo_dir / "metadata").is_dir():
         raise UsageError(f"{repo_dir} is not an edgeship repository (no metadata/ directory)")
-    settings = parse_broker_url(broker_url, ca=ca, cert=cert, key=key, username=username,
-                                password=_password(password_env))
+    settings = broker.settings()
     limits = ServerLimits(max_block=block_limit)
     level = getattr(logging, log_level.upper())
     for name in ("packager", "agent"):

@@ -499,11 +499,18 @@ def amqtt_broker() -> Iterator[str]:
         assert line.startswith(b"ready"), line + proc.stdout.read(2000)
         yield f"mqtt://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """Signal a process we started, wait for it; SIGKILL it if it does not exit. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode

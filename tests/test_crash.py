@@ -27,11 +27,11 @@ import pytest
 
 from agent.runtime import open_session
 from agent.store import Store
-from packager.repo import init_repo, publish
+from packager.repo import publish
 from tests.conftest import KeyPair, build
 from tests.modelfactory import onnx_mlp
-from tests.mosquitto import Broker, broker_module  # noqa: F401 - fixture
-from tests.updatechannel import now
+from tests.mosquitto import Broker, broker_module, stop_process  # noqa: F401 - fixture
+from tests.updatechannel import make_repo, now
 
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)
 POINTS = ["download.block", "verify.done", "stage.moved", "install.extracted", "switch.before", "switch.after",
@@ -48,16 +48,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, broker_module: Broker, relea
         with open_session("onnx", m) as s:
             expected[v] = s.run({"x": X})["probs"]
     assert not np.allclose(expected["1.0.0"], expected["1.1.0"])
-    repo = root / "repo"
-    init_repo(repo, release_keys=[release_key.public], now=now())
-    publish(repo, bundles["1.0.0"], now=now())
+    repo = make_repo(root / "repo", release_key.public, bundles["1.0.0"])
     server = subprocess.Popen([sys.executable, "-m", "packager.cli", "serve", "--repo", str(repo), "--broker",
                                broker_module.url], stderr=subprocess.DEVNULL)
     try:
         yield {"root": root, "repo": repo, "bundles": bundles, "expected": expected, "broker": broker_module}
     finally:
-        server.terminate()
-        server.wait(10)
+        stop_process(server)
 
 
 def write_config(dest: Path, world: dict[str, Any], **watch: Any) -> Path:

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from agent.fsutil import sha256_file
-from packager.repo import init_repo, publish
+from packager.repo import publish
 from tests.conftest import KeyPair, build, with_other_model
 from tests.modelfactory import onnx_mlp, onnx_sqrt_model
-from tests.mosquitto import Broker, broker_module  # noqa: F401 - fixture
+from tests.mosquitto import Broker, broker_module, stop_process  # noqa: F401 - fixture
 from tests.test_crash import AgentProcess
 from tests.test_crash import wait_state as wait_mlp_state
-from tests.updatechannel import now
+from tests.updatechannel import make_repo, now
 
 
 def wait_state(state: Path, pred: Any, timeout: float = 30) -> Any:
@@ -56,9 +56,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, broker_module: Broker, relea
                  version="1.2.0").path
     v3 = with_other_model(base, onnx_mlp(root / "other.onnx", in_features=4, seed=7), release_key, root / "x",
                           root / "m-1.2.0.edge", subject="m")
-    repo = root / "repo"
-    init_repo(repo, release_keys=[release_key.public], now=now())
-    publish(repo, v1, now=now())
+    repo = make_repo(root / "repo", release_key.public, v1)
     server = subprocess.Popen([sys.executable, "-m", "packager.cli", "serve", "--repo", str(repo), "--broker",
                                broker_module.url], stderr=subprocess.DEVNULL)
     cfg = root / "dev" / "agent.toml"
@@ -72,8 +70,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, broker_module: Broker, relea
         yield {"repo": repo, "agent": agent, "url": agent.url(), "bundles": {"1.1.0": v2, "1.2.0": v3}}
     finally:
         agent.stop()
-        server.terminate()
-        server.wait(10)
+        stop_process(server)
 
 
 def test_nan_in_the_watch_window_rolls_back_then_a_failed_selftest_is_refused(setup: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from packager.repo_store import Layout, load_chain, load_config, locked
 from tests.conftest import KeyPair, build
 from tests.modelfactory import onnx_mlp
 from tests.mosquitto import Broker, broker_module  # noqa: F401 - fixture
-from tests.updatechannel import EvilServer, agent_config, held_state, now, publish_raw, running_server, trusted_snapshot
+from tests.updatechannel import EvilServer, agent_config, held_state, make_repo, now, publish_raw, running_server, trusted_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, mlp_onnx: Path, mlp_tflite
 
 @pytest.fixture
 def repo(tmp_path: Path, release_key: KeyPair, bundles: dict[str, Path]) -> Path:
-    path = tmp_path / "repo"
-    init_repo(path, release_keys=[release_key.public], now=now())
-    publish(path, bundles["1.0.0"], now=now())
-    return path
+    return make_repo(tmp_path / "repo", release_key.public, bundles["1.0.0"])
 
 
 class Device:

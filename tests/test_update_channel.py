@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from agent.daemon import Agent
-from packager.repo import init_repo, publish
+from packager.repo import publish
 from tests.conftest import KeyPair, build
 from tests.mosquitto import Broker, broker, broker_module  # noqa: F401 - fixture
-from tests.updatechannel import agent_config, now, running_agent, running_server, wait_for
+from tests.updatechannel import agent_config, make_repo, now, running_agent, running_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, mlp_onnx: Path, release_ke
 
 @pytest.fixture
 def repo(tmp_path: Path, release_key: KeyPair, bundles: dict[str, Path]) -> Path:
-    path = tmp_path / "repo"
-    init_repo(path, release_keys=[release_key.public], now=now())
-    publish(path, bundles["1.0.0"], now=now())
-    return path
+    return make_repo(tmp_path / "repo", release_key.public, bundles["1.0.0"])
 
 
 def root_of(repo: Path) -> Path:

@@ -44,11 +44,12 @@ from agent.download import DownloadStats
 from agent.errors import MetadataSignatureError
 from agent.mqtt import make_client, parse_broker_url
 from agent.protocol import BlockRequest, ProtocolError, decode_request, req_topic
-from packager.repo import BLOCK_SIZE, init_repo, publish, rotate
+from packager.repo import BLOCK_SIZE, publish, rotate
 from tests.conftest import KeyPair, build
 from tests.modelfactory import onnx_mlp
-from tests.mosquitto import Broker, amqtt_broker, broker, free_port  # noqa: F401 - fixture
-from tests.updatechannel import EvilServer, agent_config, now, running_agent, running_server, trusted_snapshot, wait_for
+from tests.mosquitto import Broker, amqtt_broker, broker, free_port, stop_process  # noqa: F401 - fixture
+from tests.updatechannel import (EvilServer, agent_config, make_repo, now, running_agent, running_server,
+                                 trusted_snapshot, wait_for)
 
 BIN = Path(sys.executable).parent
 AGENT = Path(__file__).resolve().parent.parent / "agent"
@@ -75,12 +76,6 @@ def big_bundle(tmp_path_factory: pytest.TempPathFactory, release_key: KeyPair) -
 def small_bundles(tmp_path_factory: pytest.TempPathFactory, mlp_onnx: Path, release_key: KeyPair) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("small-bundles")
     return {v: build(mlp_onnx, release_key, out / f"mlp-{v}.edge", version=v).path for v in ("1.0.0", "1.1.0", "1.2.0")}
-
-
-def make_repo(path: Path, release_key: KeyPair, bundle: Path) -> Path:
-    init_repo(path, release_keys=[release_key.public], now=now())
-    publish(path, bundle, now=now())
-    return path
 
 
 def anchor(repo: Path) -> Path:
@@ -134,18 +129,6 @@ class StagedBundles(list):  # type: ignore[type-arg]
 
 def offsets(blocks: set[int]) -> set[int]:
     return {i * BLOCK_SIZE for i in blocks}
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-    """Signal a process we started, wait for it; SIGKILL it if it does not exit."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    return proc.returncode
 
 
 def cli(name: str, module: str) -> list[str]:
@@ -211,7 +194,7 @@ class TaskWatch:
 
 def test_broker_restart_mid_download_resumes_without_refetching(broker: Broker, tmp_path: Path,  # noqa: F811
                                                                 release_key: KeyPair, big_bundle: Path) -> None:
-    repo = make_repo(tmp_path / "repo", release_key, big_bundle)
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
     state = tmp_path / "state"
     sha = sha256_of(big_bundle)
     total = -(-big_bundle.stat().st_size // BLOCK_SIZE)
@@ -266,7 +249,7 @@ def test_broker_loss_mid_download_leaves_no_unretrieved_task_exception(broker: B
                                                                       big_bundle: Path) -> None:
     """A broker loss mid-download ends the download's tasks cleanly: none is left holding an exception that
     asyncio would report later, from the garbage collector, as 'Task exception was never retrieved'."""
-    repo = make_repo(tmp_path / "repo", release_key, big_bundle)
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
     cfg = agent_config(broker.url, tmp_path / "state", anchor(repo), device="dev-loss", models=("big",),
                        limits=SLOW_LINK)
     ev = EvilServer(repo, parse_broker_url(broker.url), delay=0.3)
@@ -309,7 +292,7 @@ def test_broker_restarts_lose_no_fetched_block(broker: Broker, tmp_path: Path,  
     both after the same delay). The lost update it looks for is a race: before the fix about 45% of the restarts
     lost a block on an idle 2-core machine (so 14 restarts all but always catch one), far fewer under heavy
     parallel load. With the fix, none in every run."""
-    repo = make_repo(tmp_path / "repo", release_key, big_bundle)
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
     state = tmp_path / "state"
     burst, interruptions = 2, 14  # 14 bursts of 2 of the 29 blocks
     cfg = agent_config(broker.url, state, anchor(repo), device="dev-restarts", models=("big",),
@@ -395,7 +378,7 @@ def start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
 
 def test_agent_sigkill_mid_download_resumes_after_restart(broker: Broker, tmp_path: Path,  # noqa: F811
                                                           release_key: KeyPair, big_bundle: Path) -> None:
-    repo = make_repo(tmp_path / "repo", release_key, big_bundle)
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
     device = "dev-kill"
     cfg = write_agent_toml(tmp_path / "device", repo, broker.url, device=device, model="big",
                            limits=SLOW_LINK)
@@ -461,7 +444,7 @@ def start_server(repo: Path, broker_url: str, log: Path) -> subprocess.Popen[byt
 
 def test_two_servers_one_killed_mid_download(broker: Broker, tmp_path: Path, release_key: KeyPair,  # noqa: F811
                                              big_bundle: Path) -> None:
-    repo = make_repo(tmp_path / "repo", release_key, big_bundle)
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
     device = "dev-two"
     state = tmp_path / "state"
     cfg = agent_config(broker.url, state, anchor(repo), device=device, models=("big",),
@@ -542,7 +525,7 @@ def amqtt_url() -> Iterator[str]:
 
 def test_amqtt_broker_fresh_device_follows_two_releases(amqtt_url: str, tmp_path: Path, release_key: KeyPair,
                                                        small_bundles: dict[str, Path]) -> None:
-    repo = make_repo(tmp_path / "repo", release_key, small_bundles["1.0.0"])
+    repo = make_repo(tmp_path / "repo", release_key.public, small_bundles["1.0.0"])
     state = tmp_path / "state"
     cfg = agent_config(amqtt_url, state, anchor(repo), device="dev-amqtt")
     assert cfg.protocol == "3.1.1"
@@ -592,7 +575,7 @@ def trusted_root_version(state: Path) -> int:
 def test_root_rotation_followed_then_insufficiently_signed_root_refused(broker: Broker, tmp_path: Path,  # noqa: F811
                                                                        release_key: KeyPair,
                                                                        small_bundles: dict[str, Path]) -> None:
-    repo = make_repo(tmp_path / "repo", release_key, small_bundles["1.0.0"])
+    repo = make_repo(tmp_path / "repo", release_key.public, small_bundles["1.0.0"])
     state = tmp_path / "state"
     cfg = agent_config(broker.url, state, anchor(repo), device="dev-root")
 

@@ -25,6 +25,7 @@ from agent.daemon import Agent
 from agent.mqtt import BrokerSettings, make_client, parse_broker_url
 from agent.protocol import REQ_FILTER, BlockRequest, MetaRequest, ProtocolError, decode_request, device_from_topic, resp_topic
 from agent.settings import AgentConfig, parse_config
+from packager.repo import init_repo, publish
 from packager.server import Server
 from packager.server_handler import RequestHandler, ServerLimits
 
@@ -33,6 +34,13 @@ FAST_SERVER = ServerLimits(hint_interval=0.1, resign_interval=3600, reconnect_mi
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def make_repo(path: Path, release_key: Path, bundle: Path) -> Path:
+    """A fresh TUF repository at ``path`` trusting ``release_key`` (a public key file), ``bundle`` published."""
+    init_repo(path, release_keys=[release_key], now=now())
+    publish(path, bundle, now=now())
+    return path
 
 
 def agent_config(broker_url: str, state: Path, root: Path, *, device: str = "dev1", models: tuple[str, ...] = ("mlp",),
