@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import failpoint, safejson
-from agent.fsutil import write_atomic
+from agent import failpoint
 from agent.bundle import verify_stream
 from agent.channel import Channel, ChannelStats
 from agent.download import DownloadStats, GrowingReader, Progress, discard, download, part_path
@@ -94,7 +93,6 @@ class Agent:
         self.deployer = Deployer(self.store, host, facts=self.facts, watch=config.watch, install=config.install,
                                  emit=self._event)
         self._started = False
-        self.api_url: str | None = None
         self._link_lost = asyncio.Event()
 
     def start(self) -> None:
@@ -143,12 +141,11 @@ class Agent:
         cfg = self.config.serve
         if not cfg.enabled:
             return None
-        from agent.serve import InferenceServer
+        from agent.serve import InferenceServer, write_address
 
         api = InferenceServer(self.host, host=cfg.host, port=cfg.port,  # type: ignore[arg-type]
                               unix_socket=Path(cfg.unix_socket) if cfg.unix_socket else None).start()
-        self.api_url = api.url
-        write_atomic(self.config.state_dir / "serve.json", safejson.dumps({"url": api.url}))
+        write_address(self.config.state_dir, api)
         self._event("serving", url=api.url)
         return api
 

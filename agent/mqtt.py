@@ -101,14 +101,16 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+MAX_INFLIGHT = 64
+"""QoS 1 publishes a client keeps in flight (requests and replies are pipelined)."""
+
+
 def make_client(
     settings: BrokerSettings,
     *,
     identifier: str,
     protocol: Protocol = "5",
     will: aiomqtt.Will | None = None,
-    clean_session: bool = True,
-    max_inflight: int = 64,
 ) -> aiomqtt.Client:
     import aiomqtt
 
@@ -117,7 +119,7 @@ def make_client(
         kwargs["protocol"] = aiomqtt.ProtocolVersion.V5
     else:
         kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
-        kwargs["clean_session"] = clean_session
+        kwargs["clean_session"] = True
     client = aiomqtt.Client(
         settings.host,
         settings.port,
@@ -128,12 +130,12 @@ def make_client(
         keepalive=settings.keepalive,
         will=will,
         timeout=10,
-        max_inflight_messages=max_inflight,
+        max_inflight_messages=MAX_INFLIGHT,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         **kwargs,
     )
     # Requests and replies are pipelined on purpose; aiomqtt warns above 10 outstanding publishes.
-    client.pending_calls_threshold = max_inflight
+    client.pending_calls_threshold = MAX_INFLIGHT
     return client
 
 

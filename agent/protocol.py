@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 from agent import safejson
+from agent.config import KiB
 from agent.errors import BadData, JsonError
 
 PROTOCOL_VERSION = 1
 PREFIX = "edgeship/v1"
 
-KiB = 1024
 DEFAULT_BLOCK = 256 * KiB
 MAX_BLOCK = 1024 * KiB
 MAX_REQUEST_BYTES = 1024
@@ -102,7 +102,6 @@ SHARED_REQ_FILTER = f"$share/{SHARED_GROUP}/{REQ_FILTER}"
 STATE_FILTER = f"{PREFIX}/state/+"
 PRESENCE_FILTER = f"{PREFIX}/presence/+"
 TELEMETRY_FILTER = f"{PREFIX}/telemetry/+"
-EVENTS_FILTER = f"{PREFIX}/events/+"
 
 
 def device_from_topic(topic: str, kind: str) -> str:

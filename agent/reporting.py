@@ -40,7 +40,6 @@ class DeviceReporting:
         self._outbox: Outbox | None = None
         self._reporter: Reporter | None = None
         self._state_changed = asyncio.Event()
-        self._connected_at = rfc3339()
 
     # --- the outbox lives from open() to close() (one process at a time) -------
 
@@ -103,8 +102,7 @@ class DeviceReporting:
     def will(self) -> Any:
         import aiomqtt
 
-        self._connected_at = rfc3339()
-        doc = presence_doc(False, device=self.config.device_id, ts=self._connected_at)
+        doc = presence_doc(False, device=self.config.device_id, ts=rfc3339())
         return aiomqtt.Will(presence_topic(self.config.device_id), encode(doc), qos=1, retain=True)
 
     # --- hooks ----------------------------------------------------------------
@@ -141,7 +139,7 @@ class DeviceReporting:
                 await self._state_changed.wait()
                 await self._publish_state(client)
 
-        tasks = [asyncio.ensure_future(publish_loop(self.outbox, publish, self.reporter.wake,
+        tasks = [asyncio.ensure_future(publish_loop(self.outbox, publish, self.reporter.wake, batch=self.config.telemetry.batch,
                                                     link_errors=(aiomqtt.MqttError, asyncio.TimeoutError))),
                  asyncio.ensure_future(states())]
         try:

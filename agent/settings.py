@@ -37,6 +37,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.cliutil import password_from_env
 from agent.config import InstallConfig, ServeConfig, UpdateLimits, WatchConfig
 from agent.errors import UsageError
 from agent.manifest import check_name
@@ -146,11 +147,7 @@ def parse_config(raw: dict[str, Any], *, base: Path) -> AgentConfig:
     if not isinstance(b, dict):
         raise UsageError("config: [broker] must be a table")
     _unknown("[broker]", b, _BROKER)
-    password = None
-    if "password_env" in b:
-        password = os.environ.get(str(b["password_env"]))
-        if password is None:
-            raise UsageError(f"config: environment variable {b['password_env']} (broker.password_env) is not set")
+    password = password_from_env(str(b["password_env"]), option="config broker.password_env") if "password_env" in b else None
     broker = parse_broker_url(
         str(b.get("url", "")),
         ca=path(b["ca"], "broker.ca") if "ca" in b else None,

@@ -33,15 +33,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.config import MiB
 from agent.errors import LinkError, UsageError
 from agent.outbox import Outbox
 from agent.protocol import PROTOCOL_VERSION, check_device_id, events_topic, telemetry_topic
+from agent.store import Status as ModelStatus
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 
-ModelStatus = Literal["none", "active", "watching", "rolled_back", "failed"]
 MODEL_STATUSES: tuple[ModelStatus, ...] = ("none", "active", "watching", "rolled_back", "failed")
 Step = Literal["refreshed", "downloading", "downloaded", "staged", "installing", "installed", "watching",
                "committed", "rolled_back", "refused", "error"]

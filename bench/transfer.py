@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.config import KiB, MiB, UpdateLimits  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
-from agent.mqtt import parse_broker_url  # noqa: E402
+from agent.mqtt import MAX_INFLIGHT, parse_broker_url  # noqa: E402
 from agent.protocol import HINT_TOPIC  # noqa: E402
 from agent.settings import AgentConfig  # noqa: E402
 from packager.repo import BLOCK_SIZE  # noqa: E402
@@ -65,7 +65,7 @@ MODEL = "bench"
 VERSION = "1.0.0"
 DEVICE = "bench-device"
 RAW_CHUNK = 256 * KiB
-RAW_INFLIGHT = 64
+RAW_INFLIGHT = MAX_INFLIGHT
 """paho's in-flight QoS 1 window for the raw stream: what agent.mqtt.make_client gives aiomqtt."""
 TARGET_RATIO = 0.6
 CACHE_TAG = "r1"
