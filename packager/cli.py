@@ -5,7 +5,6 @@ Only this module talks to users; see :mod:`agent.cliutil` for the error handler.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,18 @@ import click
 
 from agent import __version__
 from agent.bundle import describe, opened_bundle
-from agent.cliutil import echo_json, json_option, run_cli
+from agent.cliutil import echo_json, json_option, password_from_env, run_cli
 from agent.errors import UsageError
 from agent.keys import TrustedKey, load_public_key
+from packager.gate import QUANTIZE_CHOICES
 
 path_in = click.Path(path_type=Path, dir_okay=False)
 
 
 def _passphrase(env: str | None) -> bytes | None:
-    if env is None:
-        return None
-    value = os.environ.get(env)
+    value = password_from_env(env, option="--passphrase-env")
     if value is None:
-        raise UsageError(f"environment variable {env} (from --passphrase-env) is not set")
+        return None
     if not value:
         raise UsageError(f"environment variable {env} is empty; a passphrase cannot be empty")
     return value.encode("utf-8")
@@ -75,7 +73,7 @@ def keys_generate(out_dir: Path, name: str, passphrase_env: str | None, force: b
 @click.option("--key", "key_path", required=True, type=path_in, help="Private signing key (PEM).")
 @click.option("--passphrase-env", metavar="VAR", help="Environment variable holding the key's passphrase.")
 @click.option("--target", type=click.Choice(["onnx", "tflite"]), help="Runtime the device will use (default: the model's own).")
-@click.option("--quantize", type=click.Choice(["none", "fp16", "int8-dynamic", "int8", "auto"]), default="none",
+@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), default="none",
               show_default=True, help="Quantization; auto tries every mode that applies and keeps the smallest, then fastest, that passes the gate.")
 @click.option("--calibration", type=path_in, help=".npz of representative inputs (static int8 needs it).")
 @click.option("--eval", "eval_path", type=path_in, help=".npz of evaluation inputs, with 'labels' when there are any.")

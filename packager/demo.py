@@ -42,6 +42,7 @@ from packager.demo_procs import (
 )
 from packager.demo_release import build_release, publish_release
 from packager.demo_rollout import predict_all, wait_version
+from packager.repo_store import Layout
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ class Demo:
         return args
 
     def _agents(self, line: StepLine, step: StepResult) -> str:
-        root = self.repo / "metadata" / "1.root.json"
+        root = Layout(self.repo).trust_anchor
         for d in self.devices:
             d.write_config(broker_url=self.broker_url, root=root, groups=[self.group], tuning=self.cfg.tuning,
                            username=self.broker.username if self.broker else None,

@@ -21,7 +21,8 @@ import click
 
 from agent.cliutil import echo_json, json_option
 from packager.demo import Demo
-from packager.demo_config import QUANTIZE_CHOICES, DemoConfig, default_examples, with_timeouts
+from packager.demo_config import DemoConfig, default_examples, with_timeouts
+from packager.gate import QUANTIZE_CHOICES
 from packager.demo_procs import DemoFailed
 
 

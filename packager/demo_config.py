@@ -11,8 +11,8 @@ from typing import Any
 from agent.errors import UsageError
 from agent.mqtt import parse_broker_url
 from packager.demo_devices import AgentTuning
+from packager.gate import QUANTIZE_CHOICES
 
-QUANTIZE_CHOICES = ("none", "fp16", "int8-dynamic", "int8", "auto")
 
 
 # --- configuration and results ---------------------------------------------------------------

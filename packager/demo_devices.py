@@ -107,9 +107,9 @@ class Device:
             return None
         return ModelState.from_dict(safejson.loads(data, max_bytes=1 << 20, max_depth=8))
 
-    def phase(self) -> str:
-        """One short word or two for the progress line: what the device is doing now."""
-        st = self.model_state()
+    def phase(self, st: ModelState | None) -> str:
+        """One short word or two for the progress line: what the device is doing now, given its
+        :meth:`model_state`."""
         downloading = any((self.state_dir / "downloads").glob("*.part"))
         if st is None or (st.active is None and st.staged is None):
             return "downloading" if downloading else "waiting"

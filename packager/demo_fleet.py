@@ -8,19 +8,15 @@ shows the rows, and fails unless every device is online, on the expected version
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from agent.mqtt import BrokerSettings
 from packager.demo_devices import MODEL
 from packager.demo_procs import DemoFailed
-from packager.fleet import CollectLimits, FleetView, collect, summarize
+from packager.fleet import CollectLimits, FleetView, cell, collect, view_of
 
 if TYPE_CHECKING:
     from packager.demo_narrator import Narrator
-
-
-def _cell(v: Any, fmt: str = "{}") -> str:
-    return "-" if v is None else fmt.format(v)
 
 
 def check_fleet(settings: BrokerSettings, *, group: str, devices: Sequence[str], version: str, min_inferences: int,
@@ -30,13 +26,12 @@ def check_fleet(settings: BrokerSettings, *, group: str, devices: Sequence[str],
     limits = CollectLimits(wait=timeout, quiet=0.3, telemetry_wait=min(timeout, 5.0))
     got = asyncio.run(collect(settings, limits))
     snap = got.snapshot
-    view = summarize(snap.states, snap.presences, snap.telemetry, group=group, model=MODEL,
-                     malformed=sum(snap.malformed.values()))
+    view = view_of(got, group=group, model=MODEL)
     say.table(f"edgeship fleet status --broker {settings.url} --group {group}",
               ["device", "model", "version", "status", "online", "inferences", "errors", "p50 ms", "RSS MiB"],
               [[r.device, r.model or "-", r.version or "-", r.status or "-",
-                {True: "yes", False: "no", None: "?"}[r.online], _cell(r.inferences), _cell(r.errors),
-                _cell(r.p50_ms, "{:.2f}"), _cell(None if r.rss_bytes is None else r.rss_bytes / 2**20, "{:.0f}")]
+                {True: "yes", False: "no", None: "?"}[r.online], cell(r.inferences), cell(r.errors),
+                cell(r.p50_ms, "{:.2f}"), cell(None if r.rss_bytes is None else r.rss_bytes / 2**20, "{:.0f}")]
                for r in view.rows])
     say.note(f"{snap.messages} messages (retained state and presence, then telemetry) in {got.total_s:.2f} s")
     seen = sorted(r.device for r in view.rows)
@@ -49,7 +44,7 @@ def check_fleet(settings: BrokerSettings, *, group: str, devices: Sequence[str],
         problems.append(f"versions {view.versions.get(MODEL)}")
     if view.statuses.get(MODEL) != {"active": len(devices)}:
         problems.append(f"statuses {view.statuses.get(MODEL)}")
-    short = [f"{r.device} ({_cell(r.inferences)})" for r in view.rows
+    short = [f"{r.device} ({cell(r.inferences)})" for r in view.rows
              if r.inferences is None or r.inferences < min_inferences]
     if short:
         problems.append(f"telemetry counted fewer than {min_inferences} inferences on {', '.join(short)}")

@@ -212,7 +212,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_until(probe: Callable[[], T | None], *, timeout: float, watch: Sequence[Child] = (),
-               interval: float = 0.05, status: Callable[[], None] | None = None) -> T:
+               interval: float = 0.05) -> T:
     """Call ``probe`` until it returns something other than None; raise :class:`StepTimeout` after
     ``timeout`` seconds, or :class:`ChildExited` as soon as one of ``watch`` has exited."""
     deadline = time.monotonic() + timeout
@@ -222,8 +222,6 @@ def wait_until(probe: Callable[[], T | None], *, timeout: float, watch: Sequence
         got = probe()
         if got is not None:
             return got
-        if status is not None:
-            status()
         if time.monotonic() >= deadline:
             raise StepTimeout(f"not within {timeout:g} s")
         time.sleep(interval)

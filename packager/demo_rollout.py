@@ -34,12 +34,12 @@ def wait_version(devices: Sequence[Device], *, version: str, previous: str | Non
     def check() -> bool | None:
         phases = []
         for d in devices:
-            phase = d.phase()
+            st = d.model_state()
+            phase = d.phase(st)
             if shown.get(d.device_id) != phase:
                 if d.device_id in shown or phase != f"{previous} active":  # not the starting point
                     say.event(f"{d.device_id}: {phase}  [{time.monotonic() - t0:.1f} s]")
                 shown[d.device_id] = phase
-            st = d.model_state()
             if st is not None and st.status in ("failed", "rolled_back"):
                 raise DemoFailed(step, f"{d.device_id}: {version} {st.status}: {st.last_error}")
             if (d.device_id not in done and st is not None and st.status == "active"

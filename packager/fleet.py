@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent import safejson
-from agent.errors import JsonError, LinkError, UsageError
+from agent.errors import JsonError, LinkError, ManifestError, UsageError
+from agent.manifest import semver_key
 from agent.mqtt import BrokerSettings, make_client
 from agent.protocol import (
     PREFIX,
@@ -271,12 +272,14 @@ class FleetView:
 
 
 def version_key(version: str | None) -> tuple[Any, ...]:
-    """Sort key: numeric semver parts first, pre-releases before their release, None last."""
+    """Sort key: semver precedence (agent.manifest.semver_key); a version a device reports that is
+    not semver sorts after the valid ones, None last."""
     if version is None:
-        return (1,)
-    core, _, pre = version.partition("-")
-    parts = tuple(int(p) if p.isdigit() else 0 for p in core.split("+")[0].split("."))
-    return (0, parts, 0 if pre else 1, pre)
+        return (2,)
+    try:
+        return (0, semver_key(version))
+    except ManifestError:
+        return (1, version)
 
 
 def summarize(states: dict[str, DeviceState], presences: dict[str, Presence], telemetry: dict[str, Telemetry], *,
@@ -356,8 +359,7 @@ class Collected:
     total_s: float
 
 
-async def collect(settings: BrokerSettings, limits: CollectLimits = CollectLimits(), *,
-                  client_id: str | None = None) -> Collected:
+async def collect(settings: BrokerSettings, limits: CollectLimits = CollectLimits()) -> Collected:
     """Subscribe as a fleet reader and gather the retained flood (and telemetry), then disconnect."""
     import aiomqtt
 
@@ -365,7 +367,7 @@ async def collect(settings: BrokerSettings, limits: CollectLimits = CollectLimit
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     last_retained = start
-    client = make_client(settings, identifier=client_id or f"edgeship-fleet-{secrets.token_hex(6)}",
+    client = make_client(settings, identifier=f"edgeship-fleet-{secrets.token_hex(6)}",
                          protocol="3.1.1")
 
     async def read() -> None:
@@ -406,3 +408,15 @@ async def collect(settings: BrokerSettings, limits: CollectLimits = CollectLimit
         raise LinkError(f"broker {settings.url}: {e}") from None
     return Collected(snapshot=snap, connect_s=connected - start, retained_s=retained - subscribed,
                      total_s=time.monotonic() - start)
+
+
+def view_of(got: Collected, *, group: str | None = None, model: str | None = None) -> FleetView:
+    """:func:`summarize` of what :func:`collect` gathered."""
+    snap = got.snapshot
+    return summarize(snap.states, snap.presences, snap.telemetry, group=group, model=model,
+                     malformed=sum(snap.malformed.values()))
+
+
+def cell(value: Any, fmt: str = "{}") -> str:
+    """A table cell: ``value`` formatted, or "-" when there is none."""
+    return "-" if value is None else fmt.format(value)

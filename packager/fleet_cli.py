@@ -36,14 +36,13 @@ def fleet() -> None:
 def status(broker: BrokerArgs, group: str | None, model: str | None, wait: float, quiet_s: float,
            telemetry_wait: float, as_json: bool) -> None:
     """Show every device's models, versions, status, presence and latest telemetry."""
-    from packager.fleet import CollectLimits, collect, summarize
+    from packager.fleet import CollectLimits, collect, view_of
 
     settings = broker.settings()
     limits = CollectLimits(wait=wait, quiet=min(quiet_s, wait), telemetry_wait=telemetry_wait)
     got = asyncio.run(collect(settings, limits))
     snap = got.snapshot
-    view = summarize(snap.states, snap.presences, snap.telemetry, group=group, model=model,
-                     malformed=sum(snap.malformed.values()))
+    view = view_of(got, group=group, model=model)
     if as_json:
         echo_json({**view.to_dict(), "collected": {
             "messages": snap.messages, "malformed_by_kind": dict(snap.malformed),
@@ -73,10 +72,6 @@ def _clean(text: str | None, limit: int = 120) -> str:
     return escape(shown + ("..." if len(text) > limit else ""))
 
 
-def _num(v: Any, fmt: str = "{}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
 STATUS_STYLE = {"active": "green", "watching": "yellow", "rolled_back": "red", "failed": "red", "none": "dim"}
 
 
@@ -84,6 +79,8 @@ def _render(view: Any, seconds: float, messages: int) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+
+    from packager.fleet import cell
 
     console = Console()
     if not console.is_terminal:  # a file or a pipe: do not squeeze the table into 80 columns
@@ -101,9 +98,9 @@ def _render(view: Any, seconds: float, messages: int) -> None:
         table.add_row(
             r.device, _clean(r.model, 40), _clean(r.version, 40),
             f"[{STATUS_STYLE.get(status, 'default')}]{status}[/]",
-            online, _age(r.last_seen, now), _num(r.inferences), _num(r.errors), _num(r.p50_ms, "{:.2f}"),
-            _num(r.p99_ms, "{:.2f}"), _num(r.cpu_percent, "{:.1f}"),
-            _num(None if r.rss_bytes is None else r.rss_bytes / 2**20, "{:.1f}"))
+            online, _age(r.last_seen, now), cell(r.inferences), cell(r.errors), cell(r.p50_ms, "{:.2f}"),
+            cell(r.p99_ms, "{:.2f}"), cell(r.cpu_percent, "{:.1f}"),
+            cell(None if r.rss_bytes is None else r.rss_bytes / 2**20, "{:.1f}"))
     console.print(table)
     console.print(f"online {view.online}, offline {view.offline}, unknown {view.unknown}  "
                   f"({messages} messages in {seconds:.2f} s)")

@@ -13,7 +13,6 @@ root (also fine for new devices).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -25,7 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
-from agent.errors import UsageError
+from agent import safejson
+from agent.errors import JsonError, UsageError
 from agent.fsutil import fsync_dir
 from agent.keys import TrustedKey, load_public_key
 from packager import repo_keys
@@ -41,7 +41,7 @@ from packager.repo_chain import (
     sign_root,
 )
 from packager.repo_keys import KeyFile
-from packager.repo_publish import BLOCK_SIZE, RUNTIME_NAMES, PublishResult, check_groups, publish_locked
+from packager.repo_publish import BLOCK_SIZE, PublishResult, check_groups, publish_locked
 from packager.repo_rotate import RotateResult, refresh_offline, rotate
 from packager.repo_store import (
     MAX_KEYS_PER_ROLE,
@@ -68,7 +68,7 @@ from packager.repo_store import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BLOCK_SIZE", "RUNTIME_NAMES", "RELEASE_KEYS_TARGET", "Expiry", "RepoCorrupt", "VersionConflict", "RepoInfo",
+    "BLOCK_SIZE", "RELEASE_KEYS_TARGET", "Expiry", "RepoCorrupt", "VersionConflict", "RepoInfo",
     "PublishResult", "RoleStatus", "TargetStatus", "RepoStatus", "RotateResult", "ReleaseKeysResult", "init_repo",
     "publish", "status", "rotate", "release_keys_add", "release_keys_remove", "refresh_online", "refresh_offline",
     "timestamp_version",
@@ -354,15 +354,23 @@ def refresh_online(path: Path, *, now: datetime, margin: timedelta) -> bool:
         return True
 
 
-def timestamp_version(path: Path) -> int:
-    """The current timestamp version (cheap: one small JSON read, no verification)."""
+def timestamp_version(path: Path, *, max_bytes: int = 1024 * 1024) -> int:
+    """The current timestamp version (cheap: one bounded JSON read, no verification; the server's
+    hint reads it on every change of the file)."""
     ts = Layout(path).metadata / "timestamp.json"
     try:
-        version = json.loads(ts.read_bytes())["signed"]["version"]
+        with open(ts, "rb") as fh:
+            data = fh.read(max_bytes + 1)
     except FileNotFoundError:
         raise UsageError(f"{ts} not found: is {path} an edgeship repository?") from None
-    except (ValueError, KeyError, TypeError):
-        raise RepoCorrupt(f"{ts} is not valid timestamp metadata") from None
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise RepoCorrupt(f"{ts} has no integer version")
+    except OSError as e:
+        raise UsageError(f"cannot read {ts}: {e.strerror}") from None
+    try:
+        obj = safejson.loads(data, max_bytes=max_bytes, max_depth=16, what=str(ts))
+    except JsonError as e:
+        raise RepoCorrupt(f"{ts} is not valid timestamp metadata: {e}") from None
+    signed = obj.get("signed") if isinstance(obj, dict) else None
+    version = signed.get("version") if isinstance(signed, dict) else None
+    if type(version) is not int or not 0 < version < 1 << 62:
+        raise RepoCorrupt(f"{ts} has no valid signed.version")
     return version

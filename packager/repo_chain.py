@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives import serialization
 from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, TargetFile
 
-from agent.keys import TrustedKey, public_key_from_pem
+from agent.errors import BadData
+from agent.keys import TrustedKey
+from agent.trust import parse_release_keys as agent_release_keys
 from packager import repo_keys
 from packager.repo_keys import KeyFile
-from packager.repo_store import Chain, Expiry, Layout, RepoCorrupt, Role, write_atomic
+from packager.repo_store import ONLINE_ROLES, Chain, Expiry, Layout, RepoCorrupt, Role, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,8 @@ def commit(layout: Layout, chain: Chain, *, start: Start, keys: Mapping[Role, Se
     written as ``N.root.json`` and ``root.json`` just before the timestamp.
     """
     files: list[tuple[str, bytes]] = []
-    order: tuple[Start, ...] = ("targets", "snapshot", "timestamp")
     written: MetaFile | None = None  # the role signed just before this one
-    for role in order[order.index(start):]:
+    for role in chain_from(start):
         md = chain.get(role)
         if bump_versions:
             bump(md, expiry.of(role), now)
@@ -102,7 +103,7 @@ def role_keys(root: Root, roles: Sequence[Role], layout: Layout, keys_dir: Path 
     from ``keys/online``."""
     out: dict[Role, list[KeyFile]] = {}
     for role in roles:
-        directory = layout.keys_online if role in ("snapshot", "timestamp") else (keys_dir or layout.keys_offline)
+        directory = layout.keys_online if role in ONLINE_ROLES else (keys_dir or layout.keys_offline)
         out[role] = repo_keys.signers_for(root, role, directory)
     return out
 
@@ -120,20 +121,11 @@ def encode_release_keys(keys: Sequence[TrustedKey]) -> bytes:
 
 
 def parse_release_keys(data: bytes) -> list[TrustedKey]:
-    """The keys of a release-keys document; :class:`RepoCorrupt` if it is malformed."""
+    """The keys of a release-keys document, read as a device reads it; :class:`RepoCorrupt` if it is malformed."""
     try:
-        doc = json.loads(data.decode("utf-8"))
-        if doc.get("format") != RELEASE_KEYS_FORMAT:
-            raise RepoCorrupt(f"release-keys: unknown format {doc.get('format')!r}")
-        out = []
-        for entry in doc["keys"]:
-            key = public_key_from_pem(entry["pem"].encode("ascii"), source="release-keys entry")
-            if key.key_id != entry["key_id"]:
-                raise RepoCorrupt(f"release-keys: key id {entry['key_id']} does not match its PEM")
-            out.append(key)
-        return out
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RepoCorrupt(f"release-keys: malformed document ({type(e).__name__})") from None
+        return list(agent_release_keys(data))
+    except BadData as e:
+        raise RepoCorrupt(str(e)) from None
 
 
 def release_keys_of(layout: Layout, chain: Chain) -> list[TrustedKey]:

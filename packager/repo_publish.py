@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from tuf.api.metadata import TargetFile
 
-from agent.bundle import opened_bundle
+from agent.bundle import verify_file
 from agent.config import BundleLimits
 from agent.errors import LimitExceeded, UsageError
 from agent.keys import TrustedKey
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 262144
 """Bytes per entry of a bundle target's ``block_sha256`` list (the last block may be shorter)."""
-RUNTIME_NAMES = {"onnx": "onnx", "tflite": "tflite"}
-"""Manifest runtime name -> the ``runtime.name`` spelling in a target's custom fields (the same names)."""
 _GROUP = re.compile(r"^[a-z0-9._-]{1,64}$")
 
 
@@ -102,7 +100,7 @@ def bundle_custom(manifest: Manifest, groups: Sequence[str], incoming: Incoming,
         "kind": "bundle",
         "name": manifest.name,
         "version": manifest.version,
-        "runtime": {"name": RUNTIME_NAMES[manifest.runtime.name], "min_version": manifest.runtime.min_version},
+        "runtime": {"name": manifest.runtime.name, "min_version": manifest.runtime.min_version},
         "device_class": {"arch": manifest.device_class.arch, "accelerator": manifest.device_class.accelerator},
         "groups": list(groups),
         "published": rfc3339(now),
@@ -117,8 +115,9 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
     """Verify ``bundle`` against ``trusted`` and add it to ``chain.targets``; ``commit`` re-signs the chain."""
     incoming = copy_hashed(bundle, layout.targets, limits=limits)
     try:
-        with opened_bundle(incoming.path, trusted_keys=trusted, limits=limits) as vb:
-            manifest, signer = vb.manifest, vb.signer
+        # One streaming pass, nothing unpacked: the file's own hashes came from copy_hashed.
+        checked = verify_file(incoming.path, trusted_keys=trusted, limits=limits, file_sha256=False)
+        manifest, signer = checked.manifest, checked.statement.signer_key_id
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.edge"
         stored = layout.target_file(target_path, incoming.sha256)
 

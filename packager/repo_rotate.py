@@ -21,6 +21,7 @@ from packager.repo_keys import KeyFile
 from packager.repo_store import (
     MAX_KEYS_PER_ROLE,
     OFFLINE_ROLES,
+    ONLINE_ROLES,
     ROLES,
     Layout,
     RepoConfig,
@@ -71,7 +72,7 @@ def rotate(path: Path, role: Role, *, keys_dir: Path | None = None, now: datetim
         t = spec.threshold if threshold is None else threshold
         if not 1 <= t <= n <= MAX_KEYS_PER_ROLE:
             raise UsageError(f"need 1 <= threshold ({t}) <= number of keys ({n}) <= {MAX_KEYS_PER_ROLE}")
-        online = role in ("snapshot", "timestamp")
+        online = role in ONLINE_ROLES
         key_dir = layout.keys_online if online else (keys_dir or layout.keys_offline)
         root_keys = repo_keys.signers_for(old_root, "root", keys_dir or layout.keys_offline)
         start: Start = "timestamp" if role == "root" else role

@@ -44,8 +44,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 
-from agent import safejson
-from agent.errors import BadData, LinkError, UsageError
+from agent.errors import LinkError, UsageError
 from agent.mqtt import BrokerSettings, Protocol, make_client, on_published, paho_of
 from agent.protocol import (
     HINT_TOPIC,
@@ -57,9 +56,10 @@ from agent.protocol import (
     encode_hint,
     resp_topic,
 )
+from packager.repo import refresh_online, timestamp_version
 from packager.server_handler import RequestHandler, ServerLimits, ServerStats
 
-__all__ = ["RequestHandler", "Server", "ServerLimits", "ServerStats", "read_timestamp_version", "serve"]
+__all__ = ["RequestHandler", "Server", "ServerLimits", "ServerStats", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -72,32 +72,6 @@ the CPU; QoS 0 requests to the server (``SUBSCRIBE_QOS``) did not help either.""
 HINT_QOS = 1
 SUBSCRIBE_QOS = 1
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # MQTT 3.1.1 CONNACK code / MQTT 5 reason code
-
-
-def read_timestamp_version(repo_dir: Path, *, max_bytes: int = 1024 * 1024) -> int:
-    """``signed.version`` of REPO/metadata/timestamp.json (unverified: it only feeds the hint)."""
-    path = Path(repo_dir) / "metadata" / "timestamp.json"
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
-    obj = safejson.loads(data, max_bytes=max_bytes, max_depth=16, what=str(path))  # JsonError is BadData
-    signed = obj.get("signed") if isinstance(obj, dict) else None
-    version = signed.get("version") if isinstance(signed, dict) else None
-    if type(version) is not int or not 0 < version < 1 << 62:
-        raise BadData(f"{path} has no valid signed.version")
-    return version
-
-
-def _version_reader() -> Callable[[Path], int]:
-    """packager.repo.timestamp_version, the repository's own reader (falls back to
-    read_timestamp_version while packager/repo.py does not exist)."""
-    try:
-        from packager.repo import timestamp_version
-    except ImportError:  # packager.repo not there (yet): read the file ourselves
-        return read_timestamp_version
-    return timestamp_version
 
 
 class Server:
@@ -256,7 +230,7 @@ class Server:
         if key == self._ts_key:
             return self._ts_version
         try:
-            version = _version_reader()(self.repo_dir)
+            version = timestamp_version(self.repo_dir)
         except Exception as e:  # noqa: BLE001 - whatever the reader raises, keep serving
             self._note_problem(f"no hint: cannot read the timestamp version: {e}")
             return None
@@ -283,11 +257,6 @@ class Server:
                 log.debug("no %s: not re-signing", self._online_keys)
 
     async def _resign_once(self) -> None:
-        try:
-            from packager.repo import refresh_online
-        except ImportError as e:
-            log.warning("cannot re-sign: %s", e)
-            return
         now = dt.datetime.now(dt.timezone.utc)
         margin = dt.timedelta(seconds=self.limits.resign_margin)
         call = functools.partial(refresh_online, self.repo_dir, now=now, margin=margin)

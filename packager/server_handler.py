@@ -138,16 +138,6 @@ class ServerStats:
                     f"{self.bytes_served} bytes served, {self.dropped} dropped, {self.hints_published} hints, "
                     f"{self.resigns} re-signs, {self.reconnects} reconnects")
 
-    def as_dict(self) -> dict[str, object]:
-        with self._lock:
-            return {
-                "requests": {f"{o}/{s}": n for (o, s), n in sorted(self.requests.items())},
-                "dropped": self.dropped, "bytes_served": self.bytes_served,
-                "replies_sent": self.replies_sent, "reply_failures": self.reply_failures,
-                "hints_published": self.hints_published, "resigns": self.resigns,
-                "reconnects": self.reconnects,
-            }
-
 
 class _Refused(Exception):
     """The request is valid but cannot be answered with data: carries the reply status."""

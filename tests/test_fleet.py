@@ -154,8 +154,8 @@ def test_cleared_and_foreign_topics_are_ignored() -> None:
 
 
 def test_version_key_orders_semver() -> None:
-    assert sorted(["1.10.0", "1.2.0", "1.2.0-rc.1", "0.9.9"], key=version_key) == [
-        "0.9.9", "1.2.0-rc.1", "1.2.0", "1.10.0"]
+    assert sorted(["1.10.0", "1.2.0", "1.2.0-rc.10", "1.2.0-rc.9", "0.9.9", None, "garbage"], key=version_key) == [
+        "0.9.9", "1.2.0-rc.9", "1.2.0-rc.10", "1.2.0", "1.10.0", "garbage", None]
 
 
 # --- against a real Mosquitto ---------------------------------------------------

@@ -129,3 +129,31 @@ def test_tflite_source_cannot_target_onnx(mlp_tflite: Path, tmp_path: Path, rele
     p = run("edgeship", "build", str(mlp_tflite), "--name", "m", "--version", "1.0.0", "--key", str(release_key.private),
             "--target", "onnx", "-o", str(tmp_path / "m.edge"))
     assert_one_line_error(p, 2, "--target tflite")
+
+
+@pytest.mark.parametrize("converted_seed, reproduces", [(0, True), (1, False)])
+def test_a_conversion_must_reproduce_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                converted_seed: int, reproduces: bool) -> None:
+    """The converted float model is measured once, as the reference of the candidates, and its
+    outputs must match the ONNX source's on the check inputs; a converter that got it wrong stops the build."""
+    import types
+
+    import packager.convert
+    from agent.errors import ModelError
+    from packager.optimize import OptimizeRequest, optimize
+    from tests import modelfactory as mf
+
+    source = mf.onnx_mlp(tmp_path / "src.onnx", seed=0)
+
+    def fake_convert(src: Path, dst: Path, **_: object) -> object:
+        return types.SimpleNamespace(path=mf.tflite_mlp(dst, seed=converted_seed))
+
+    monkeypatch.setattr(packager.convert, "convert_onnx_to_tflite", fake_convert)
+    work = tmp_path / "work"
+    work.mkdir()
+    req = OptimizeRequest(source=source, target="tflite", latency_budget_s=0.01)
+    if reproduces:
+        assert optimize(req, work).path.suffix == ".tflite"
+    else:
+        with pytest.raises(ModelError, match="does not reproduce the ONNX model"):
+            optimize(req, work)

@@ -39,7 +39,8 @@ from agent.protocol import (
     req_topic,
     resp_topic,
 )
-from packager.server import Server, ServerLimits, read_timestamp_version
+from packager.repo import timestamp_version
+from packager.server import Server, ServerLimits
 from packager.server_handler import RequestHandler
 from tests.conftest import KeyPair
 from tests.mosquitto import Broker, amqtt_broker, broker, free_port, make_pki, start_broker  # noqa: F401 (fixture)
@@ -287,17 +288,19 @@ def test_limits_validate_themselves() -> None:
 
 
 def test_read_timestamp_version(repo: tuple[Path, str, bytes]) -> None:
+    """The hint's version comes from the repository's own reader: bounded, strict, never trusted."""
     path, _, _ = repo
-    assert read_timestamp_version(path) == 7
+    assert timestamp_version(path) == 7
     set_timestamp_version(path, 8)
-    assert read_timestamp_version(path) == 8
-    for broken in (b"{not json", b'{"signed": {"version": "8"}}', b'{"signed": {"version": 0}}', b"[]"):
+    assert timestamp_version(path) == 8
+    for broken in (b"{not json", b'{"signed": {"version": "8"}}', b'{"signed": {"version": 0}}', b"[]",
+                   b'{"signed": {"version": 9}, "pad": "' + b"x" * (1 << 20) + b'"}'):
         (path / "metadata" / "timestamp.json").write_bytes(broken)
         with pytest.raises(BadData):
-            read_timestamp_version(path)
+            timestamp_version(path)
     (path / "metadata" / "timestamp.json").unlink()
-    with pytest.raises(UsageError, match="cannot read"):
-        read_timestamp_version(path)
+    with pytest.raises(UsageError, match="not found"):
+        timestamp_version(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,7 +562,7 @@ def test_real_repository_is_re_signed_and_its_bundle_served(broker: Broker, tmp_
     path = tmp_path / "real"
     init_repo(path, release_keys=[release_key.public], now=then)
     pub = publish(path, mlp_bundle, now=then)
-    v0 = read_timestamp_version(path)
+    v0 = timestamp_version(path)
     assert v0 == pub.timestamp_version
 
     async def main() -> None:

@@ -29,12 +29,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from agent.errors import ModelError, UsageError
 from agent.manifest import TensorSpec
+
+if TYPE_CHECKING:
+    from packager.introspect import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -310,3 +313,30 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self._start
+
+
+def begin(src: Path, dst: Path, *, runtime: str, needs: str) -> tuple[Path, Path, Stopwatch, ModelInfo]:
+    """What every quantizer starts with: the checked source and destination, a started clock,
+    and the source's signature. :class:`UsageError` unless the source is a ``runtime`` model
+    (``needs`` names the function and what it takes, for the message)."""
+    from packager.introspect import read_signature
+
+    src = check_source(src)
+    dst = check_destination(src, dst)
+    clock = Stopwatch()
+    source = read_signature(src)
+    if source.runtime != runtime:
+        article = "an" if source.runtime == "onnx" else "a"
+        raise UsageError(f"{src.name} is {article} {source.runtime} model; {needs}")
+    return src, dst, clock, source
+
+
+def calibration_feeds(mode: str, calibration: Calibration | None,
+                      specs: Callable[[], Sequence[TensorSpec]]) -> list[dict[str, np.ndarray]]:
+    """The calibration feeds static int8 quantization needs (checked against ``specs()``); none
+    for the other modes, which ignore any calibration given."""
+    if mode == "int8":
+        return check_calibration(calibration, specs(), what="int8 static quantization")
+    if calibration:
+        log.debug("%s needs no calibration: %d sample(s) ignored", mode, len(calibration))
+    return []

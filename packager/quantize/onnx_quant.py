@@ -36,8 +36,8 @@ from agent.errors import EdgeshipError, ModelError, UsageError
 from agent.manifest import version_tuple
 from packager.introspect import ModelInfo, read_signature
 from packager.quantize import (
-    Calibration, CapturedOutput, Progress, QuantizedModel, QuantizeError, Stopwatch, atomic_output,
-    captured_output, check_calibration, check_destination, check_source, interface_differences, one_line,
+    Calibration, CapturedOutput, Progress, QuantizedModel, QuantizeError, atomic_output, begin,
+    calibration_feeds, captured_output, interface_differences, one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,8 @@ def quantize_onnx(
     if calibrate_method not in _CALIBRATION_METHODS:
         raise UsageError(f"unknown calibration method {calibrate_method!r}; choose one of "
                          f"{', '.join(_CALIBRATION_METHODS)}")
-    src = check_source(src)
-    dst = check_destination(src, dst)
-    clock = Stopwatch()
-    source = read_signature(src)
-    if source.runtime != "onnx":
-        raise UsageError(f"{src.name} is a {source.runtime} model; quantize_onnx needs an ONNX model")
-    feeds: list[dict[str, np.ndarray]] = []
-    if mode == "int8":
-        feeds = check_calibration(calibration, source.inputs, what="int8 static quantization")
-    elif calibration:
-        log.debug("%s needs no calibration: %d sample(s) ignored", mode, len(calibration))
+    src, dst, clock, source = begin(src, dst, runtime="onnx", needs="quantize_onnx needs an ONNX model")
+    feeds = calibration_feeds(mode, calibration, lambda: source.inputs)
 
     with tempfile.TemporaryDirectory(prefix=".edgeship-quant-", dir=dst.parent) as tmp, \
             _captured_onnxruntime() as captured:

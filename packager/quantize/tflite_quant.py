@@ -30,8 +30,8 @@ from agent.errors import EdgeshipError, ModelError, UsageError
 from agent.manifest import DType, TensorSpec
 from packager.introspect import ModelInfo, read_signature
 from packager.quantize import (
-    Calibration, Progress, QuantizedModel, QuantizeError, Stopwatch, atomic_output, captured_output,
-    check_calibration, check_destination, check_source, interface_differences, one_line,
+    Calibration, Progress, QuantizedModel, QuantizeError, atomic_output, begin, calibration_feeds,
+    captured_output, interface_differences, one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -93,18 +93,8 @@ def quantize_tflite(
     """
     if mode not in MODES:
         raise UsageError(f"unknown TFLite quantization mode {mode!r}; choose one of {', '.join(MODES)}")
-    src = check_source(src)
-    dst = check_destination(src, dst)
-    clock = Stopwatch()
-    source = read_signature(src)
-    if source.runtime != "tflite":
-        raise UsageError(f"{src.name} is an {source.runtime} model; quantize_tflite needs a TFLite model")
-    feeds: list[dict[str, np.ndarray]] = []
-    if mode == "int8":
-        specs = _signature_inputs(src, signature_key)
-        feeds = check_calibration(calibration, specs, what="int8 static quantization")
-    elif calibration:
-        log.debug("%s needs no calibration: %d sample(s) ignored", mode, len(calibration))
+    src, dst, clock, source = begin(src, dst, runtime="tflite", needs="quantize_tflite needs a TFLite model")
+    feeds = calibration_feeds(mode, calibration, lambda: _signature_inputs(src, signature_key))
 
     recipe_name = RECIPES[mode]
     details: dict[str, Any] = {"quantizer": "ai-edge-quantizer", "recipe": recipe_name,
