@@ -30,7 +30,7 @@ from agent import failpoint
 from agent.bundle import verify_stream
 from agent.channel import Channel, ChannelStats
 from agent.download import DownloadStats, GrowingReader, Progress, discard, download, part_path
-from agent.errors import BadData, EdgeshipError, LinkError, ManifestError
+from agent.errors import BadData, BlockRejected, EdgeshipError, LinkError, ManifestError
 from agent.mqtt import device_channel
 from agent.preflight import check_fit
 from agent.protocol import HINT_TOPIC, MAX_BLOCK, ProtocolError, decode_hint, resp_topic
@@ -333,33 +333,46 @@ class Agent:
                                   progress=progress)
         except BaseException:
             progress.abort()
-            await asyncio.gather(checking, return_exceptions=True)
+            verdict = (await asyncio.gather(checking, return_exceptions=True))[0]
+            if isinstance(verdict, BadData) and not isinstance(verdict, BlockRejected):
+                self._refuse(state, rel, verdict)  # the check stopped the download: the bundle is bad
             raise
         self._event("downloaded", model=model, version=rel.version, blocks=stats.blocks_fetched,
                     resumed=stats.blocks_resumed)
         try:
             await checking
         except BadData as e:
-            # TUF signed these exact bytes, yet the bundle is wrong for us: refuse this release for good.
-            discard(self.store.downloads, rel.target)
-            self.store.refuse(state, rel.target.sha256, f"{type(e).__name__}: {e}")
+            self._refuse(state, rel, e)
             raise
         failpoint.hit("verify.done")
         self.store.stage(state, version=rel.version, sha256=rel.target.sha256, verified_file=part)
         self._event("staged", model=model, version=rel.version, sha256=rel.target.sha256)
 
+    def _refuse(self, state: ModelState, rel: Release, error: BadData) -> None:
+        """TUF signed these exact bytes, yet the bundle is wrong for us: refuse this release for good."""
+        discard(self.store.downloads, rel.target)
+        self.store.refuse(state, rel.target.sha256, f"{type(error).__name__}: {error}")
+
     def _verify(self, part: Path, progress: Progress, rel: Release, view: TrustedView) -> None:
-        # Every block already matched the SHA-256 that TUF's targets role signed for it.
-        reader = GrowingReader(part, progress, rel.target.length)
+        """In a thread while the blocks arrive: the reader checks each block against the SHA-256
+        TUF's targets role signed for it before the bundle verifier sees a byte of it. A failure
+        here ends the download."""
+        reader = GrowingReader(part, progress)
         try:
             checked = verify_stream(reader, trusted_keys=view.release_keys,  # type: ignore[arg-type]
                                     file_sha256=False)
+            reader.drain()
+            m = checked.manifest
+            if (m.name, m.version) != (rel.name, rel.version):
+                raise ManifestError(f"target {rel.target.path} holds {m.name} {m.version}, "
+                                    f"not {rel.name} {rel.version}")
+            check_fit(m, machine=self.facts.machine, runtimes=self.facts.runtimes,
+                      accelerators=self.facts.accelerators)
+        except BaseException as e:
+            progress.failed(e)
+            raise
         finally:
             reader.close()
-        m = checked.manifest
-        if (m.name, m.version) != (rel.name, rel.version):
-            raise ManifestError(f"target {rel.target.path} holds {m.name} {m.version}, not {rel.name} {rel.version}")
-        check_fit(m, machine=self.facts.machine, runtimes=self.facts.runtimes, accelerators=self.facts.accelerators)
 
     def model_state(self, model: str) -> ModelState:
         return self.store.load(model)

@@ -2,12 +2,20 @@
 
 The repository signs, for each bundle, the SHA-256 of every ``block_size``
 slice (see docs/protocol.md). Blocks are requested ``blocks_in_flight`` at a
-time; each reply is checked and written in place into ``<sha256>.part`` as the
-channel delivers it (no task, future or thread hop per block: per-message
-Python work is what limits throughput) and remembered in
-``<sha256>.record.json``. After a reconnect or a restart the record says which
-blocks are already here; they are hashed again (a power cut may have lost a
-write the record claimed) and only the missing ones are asked for.
+time; each reply is written in place into ``<sha256>.part`` as the channel
+delivers it (no task, future or thread hop per block: per-message Python work
+is what limits throughput), and a block is remembered in
+``<sha256>.record.json`` once it has matched its hash. After a reconnect or a
+restart the record says which blocks are already here; they are hashed again (a
+power cut may have lost a write the record claimed) and only the missing ones
+are asked for.
+
+Who hashes the blocks: without a :class:`Progress`, the event loop, before it
+writes each one. With one, a :class:`GrowingReader` in another thread (the
+bundle verifier's) hashes each block as it reads it, before any byte of it
+reaches the verifier, so that the event loop only moves bytes; the download
+ends when the reader has checked every block, or with the first block that
+does not match.
 
 Bad data (a block that does not match, a reply that does not answer the
 request, more bytes than the bundle could need) ends the download with a
@@ -19,6 +27,7 @@ and the next attempt resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -26,13 +35,14 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import failpoint, safejson
 from agent.channel import Channel, ChannelClosed
 from agent.config import UpdateLimits
-from agent.errors import BlockRejected, DownloadTimeout, JsonError, LimitExceeded, LinkError
+from agent.errors import BlockRejected, DownloadTimeout, JsonError, LimitExceeded, LinkError, StorageError
 from agent.fsutil import write_atomic
 from agent.protocol import MAX_BLOCK, BlockRequest, Reply
 
@@ -88,27 +98,51 @@ class DownloadStats:
 
 
 class Progress:
-    """Which prefix of the file is whole, shared with a thread that reads it while the rest arrives.
+    """A download shared with the thread that reads (and checks) the file while the rest arrives.
 
-    The download marks blocks as they are checked and written; :class:`GrowingReader` blocks
-    until the bytes it wants are inside the whole prefix. ``abort()`` wakes every reader."""
+    The download marks blocks as they are written; :class:`GrowingReader` waits until the bytes
+    it wants are inside the written prefix, hashes each block against TUF, and reports back
+    (:meth:`checked`, :meth:`failed`). ``abort()`` wakes every reader."""
 
     def __init__(self, target: BlockedTarget) -> None:
-        self._target = target
+        self.target = target
         self._have = bytearray(target.blocks)
         self._cond = threading.Condition()
         self._next = 0
         self.whole = 0
-        """Bytes from the start that are checked and written."""
+        """Bytes from the start that are written."""
         self.aborted = False
+        self.checked_blocks = 0
+        """Blocks from the start that the reader has checked."""
+        self._listener: tuple[asyncio.AbstractEventLoop, Callable[[int, int], None],
+                              Callable[[BaseException], None]] | None = None
+
+    def listen(self, loop: asyncio.AbstractEventLoop, on_checked: Callable[[int, int], None],
+               on_failed: Callable[[BaseException], None]) -> None:
+        """The download's side: ``on_checked(first, count)`` runs in the reader's thread;
+        ``on_failed(error)`` on ``loop``."""
+        self._listener = (loop, on_checked, on_failed)
+
+    def checked(self, first: int, count: int) -> None:
+        """The reader's side: blocks ``first..first+count`` (the next ones) match their hashes."""
+        self.checked_blocks = first + count
+        if self._listener is not None:
+            self._listener[1](first, count)
+
+    def failed(self, error: BaseException) -> None:
+        """The reader's side: it stopped (a block did not match, or the bundle is bad)."""
+        if self._listener is not None:
+            loop, _, on_failed = self._listener
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(on_failed, error)
 
     def mark(self, first: int, count: int) -> None:
         with self._cond:
             for i in range(first, first + count):
                 self._have[i] = 1
-            while self._next < self._target.blocks and self._have[self._next]:
+            while self._next < self.target.blocks and self._have[self._next]:
                 self._next += 1
-            self.whole = min(self._next * self._target.block_size, self._target.length)
+            self.whole = min(self._next * self.target.block_size, self.target.length)
             self._cond.notify_all()
 
     def abort(self) -> None:
@@ -129,25 +163,60 @@ class DownloadAborted(LinkError):
 
 
 class GrowingReader:
-    """A file-like reader of ``path`` that waits for each byte range to be downloaded and checked."""
+    """A file-like reader of ``path`` that waits for each byte range to be downloaded and checks
+    every block against TUF before returning any byte of it. Reads sequentially, from one thread."""
 
-    def __init__(self, path: Path, progress: Progress, length: int) -> None:
+    def __init__(self, path: Path, progress: Progress) -> None:
         self._path = path
         self._progress = progress
-        self._length = length
+        self._target = progress.target
+        self._length = progress.target.length
         self._pos = 0
+        self._checked = 0
+        """Bytes from the start whose blocks matched (always a whole number of blocks, or all)."""
+        self._buf = b""
+        """Checked bytes not returned yet: ``[pos, checked)``."""
         self._fd: int | None = None
 
     def read(self, n: int = -1) -> bytes:
         end = self._length if n < 0 else min(self._pos + n, self._length)
         if end <= self._pos:
             return b""
+        if end > self._checked:  # whole blocks, so that each is checked before any byte of it is used
+            self._check_to(min(self._length, -(-end // self._target.block_size) * self._target.block_size))
+        take = end - self._pos
+        data, self._buf = (self._buf, b"") if take == len(self._buf) else (self._buf[:take], self._buf[take:])
+        self._pos = end
+        return data
+
+    def _check_to(self, end: int) -> None:
+        """Read ``[checked, end)`` once it is written, check its blocks, and add it to the buffer."""
+        t, start = self._target, self._checked
         self._progress.wait_for(end)
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY)
-        data = os.pread(self._fd, end - self._pos, self._pos)
-        self._pos += len(data)
-        return data
+        data = os.pread(self._fd, end - start, start)
+        if len(data) != end - start:
+            raise StorageError(f"{self._path} is shorter than the {end} bytes written to it")
+        view = memoryview(data)
+        first, last = start // t.block_size, (end - 1) // t.block_size
+        for index in range(first, last + 1):
+            b_off, b_size = t.span(index)
+            if not _check_block(t, index, view[b_off - start:b_off - start + b_size]):
+                if index > first:  # the ones before it are good: kept for the next attempt
+                    self._progress.checked(first, index - first)
+                error = BlockRejected(f"{t.path}: block {index} does not match its signed hash "
+                                      "(altered in transit, or from another bundle)")
+                self._progress.failed(error)
+                raise error
+        self._checked = end
+        self._buf = self._buf + data if self._buf else data
+        self._progress.checked(first, last + 1 - first)
+
+    def drain(self) -> None:
+        """Check what the verifier did not need to read (normally nothing), so that the download can end."""
+        while self.read(self._target.block_size):
+            pass
 
     def close(self) -> None:
         if self._fd is not None:
@@ -163,6 +232,8 @@ class _Record:
         self.target = target
         self.done: set[int] = set()
         self._dirty = False
+        self._lock = threading.Lock()
+        """Blocks are added by the event loop or the reader's thread; flushes run in a worker thread."""
 
     def load(self) -> set[int]:
         try:
@@ -179,25 +250,28 @@ class _Record:
             return set()
         return {i for i in obj["done"] if type(i) is int and 0 <= i < t.blocks}
 
-    def add(self, index: int) -> None:
-        self.done.add(index)
-        self._dirty = True
+    def add(self, first: int, count: int = 1) -> None:
+        with self._lock:
+            self.done.update(range(first, first + count))
+            self._dirty = True
 
     def flush(self, part_fd: int) -> None:
-        """Persist the blocks done so far. May run in a thread while the event loop adds blocks:
-        the snapshot is taken (and the record marked clean) first, so a block added meanwhile
-        leaves it dirty for the next flush instead of being lost from the record."""
-        if not self._dirty:
-            return
-        self._dirty = False
-        done = sorted(self.done)  # each of these was written before it was added
+        """Persist the blocks done so far. Runs in a thread while blocks are added: the snapshot
+        is taken (and the record marked clean) first, so a block added meanwhile leaves it dirty
+        for the next flush instead of being lost from the record."""
+        with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            done = sorted(self.done)  # each of these was written before it was added
         try:
             os.fsync(part_fd)  # the blocks first, then the record that vouches for them
             t = self.target
             write_atomic(self.path, safejson.dumps({"format": RECORD_FORMAT, "path": t.path, "sha256": t.sha256,
                                                     "length": t.length, "block_size": t.block_size, "done": done}))
         except BaseException:
-            self._dirty = True
+            with self._lock:
+                self._dirty = True
             raise
 
 
@@ -241,8 +315,9 @@ async def download(
 ) -> Path:
     """Fetch ``target`` into ``workdir/<sha256>.part`` and return that path, whole and verified.
 
-    With ``progress``, blocks are announced as they are written, so a :class:`GrowingReader`
-    can verify the bundle while it arrives."""
+    With ``progress``, blocks are announced as they are written, and a :class:`GrowingReader`
+    (reading in another thread while the rest arrives) checks them: the download ends when it
+    has checked the last block, or with the error it reports (:meth:`Progress.failed`)."""
     if target.length > limits.max_bundle_bytes:
         raise LimitExceeded(f"{target.path} is {target.length} bytes, over this device's "
                             f"{limits.max_bundle_bytes}-byte bundle limit")
@@ -314,6 +389,7 @@ class _Blocks:
         self._limits = limits
         self._stats = stats
         self._progress = progress
+        """With one, a GrowingReader checks the blocks (the event loop only writes them)."""
         self._todo = deque(_spans(target, record.done, max(1, limits.request_bytes // target.block_size)))
         self._asked: set[str] = set()
         """Ids of the requests in flight."""
@@ -323,14 +399,17 @@ class _Blocks:
         self._flushed_bytes = stats.bytes_fetched
         self._flushing: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
+        self._done_loop: asyncio.AbstractEventLoop | None = None
 
     async def fetch(self) -> None:
         """Every missing block, checked and written; raises what ended the download early.
 
         The deadline is a timer, not ``asyncio.wait_for``: no inner task, so cancelling the caller
         cancels this (3.11's wait_for can swallow a cancellation that races a finished inner task)."""
-        loop = asyncio.get_running_loop()
+        loop = self._done_loop = asyncio.get_running_loop()
         self._done = loop.create_future()
+        if self._progress is not None:
+            self._progress.listen(loop, self._on_checked, self._finish)
         deadline = loop.call_later(self._limits.download_deadline, self._finish, DownloadTimeout(
             f"{self._target.path}: download did not finish within {self._limits.download_deadline:g} s"))
         try:
@@ -371,7 +450,7 @@ class _Blocks:
             return
         try:
             self._check_reply(req, reply)
-            self._ask_next()  # keep the window full while this block is hashed and written
+            self._ask_next()  # keep the window full while this block is written
             self._write(first, count, req.offset, reply.body)
         except Exception as e:  # noqa: BLE001 - ends the download (BadData, or an OSError writing)
             self._finish(e)
@@ -411,14 +490,17 @@ class _Blocks:
                 f"{t.length}; got {len(reply.body)} at {reply.offset} of {reply.total})")
 
     def _write(self, first: int, count: int, offset: int, body: bytes | memoryview) -> None:
-        """Check blocks ``first..first+count`` against TUF and write them; raises BlockRejected."""
+        """Write blocks ``first..first+count``. Without a reader, check them against TUF first
+        (raises BlockRejected) and record them; with one, it checks and records them."""
         t = self._target
-        bad = _check_and_write(t, self._fd, first, count, offset, body)
-        if bad is not None:
-            raise BlockRejected(f"{t.path}: block {bad} does not match its signed hash "
-                                "(altered in transit, or from another bundle)")
-        for k in range(count):
-            self._record.add(first + k)
+        if self._progress is None:
+            bad = _check_and_write(t, self._fd, first, count, offset, body)
+            if bad is not None:
+                raise BlockRejected(f"{t.path}: block {bad} does not match its signed hash "
+                                    "(altered in transit, or from another bundle)")
+            self._record.add(first, count)
+        else:
+            os.pwrite(self._fd, body, offset)
         failpoint.hit("download.block")
         if self._progress is not None:
             self._progress.mark(first, count)
@@ -445,8 +527,16 @@ class _Blocks:
         if not fut.cancelled() and fut.exception() is not None:
             self._finish(fut.exception())
 
+    def _on_checked(self, first: int, count: int) -> None:
+        """In the reader's thread: these blocks matched; the last one ends the download."""
+        self._record.add(first, count)
+        if first + count == self._target.blocks and self._done_loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                self._done_loop.call_soon_threadsafe(self._finish_if_complete)
+
     def _finish_if_complete(self) -> None:
-        if not self._todo and not self._asked:
+        if not self._todo and not self._asked and (
+                self._progress is None or self._progress.checked_blocks >= self._target.blocks):
             self._finish(None)
 
     @property

@@ -228,7 +228,7 @@ def test_growing_reader_waits_for_checked_blocks_and_stops_on_abort(tmp_path: Pa
     path = tmp_path / "f.part"
     path.write_bytes(data)
     progress = Progress(target)
-    reader = GrowingReader(path, progress, len(data))
+    reader = GrowingReader(path, progress)
     got: list[bytes] = []
     t = threading.Thread(target=lambda: got.append(reader.read(3 * 4096)))
     t.start()
@@ -282,3 +282,91 @@ def test_record_is_flushed_every_so_many_bytes(tmp_path: Path, monkeypatch: pyte
     assert run(go()).read_bytes() == data
     assert bool(flushed) is expect_mid_flush
     assert all(0 < n < 11 for n in flushed)
+
+
+# --- a reader in another thread checks the blocks (what the agent does: it verifies the bundle
+# --- while it arrives, and the event loop only moves bytes)
+
+
+def download_with_reader(server: FakeServer, target: object, workdir: Path, stats: DownloadStats,
+                         fail_after: int | None = None) -> tuple[object, object]:
+    """(what download returned or raised, what the reader read or raised). The reader reads 5000
+    bytes at a time, like a verifier that does not care about block boundaries; with
+    ``fail_after``, it gives up after that many bytes, as a verifier that found the bundle bad."""
+    import threading
+
+    from agent.download import GrowingReader, Progress
+    from agent.errors import ManifestError
+
+    progress = Progress(target)  # type: ignore[arg-type]
+    outcome: list[object] = []
+
+    def read() -> None:
+        reader = GrowingReader(part_path(workdir, target), progress)  # type: ignore[arg-type]
+        got = bytearray()
+        try:
+            while chunk := reader.read(5000):
+                assert len(chunk) == min(5000, target.length - len(got))  # type: ignore[attr-defined]  # as a file reads
+                got += chunk
+                if fail_after is not None and len(got) >= fail_after:
+                    raise ManifestError("the verifier found the bundle bad")
+            reader.drain()
+            outcome.append(bytes(got))
+        except BaseException as e:
+            progress.failed(e)
+            outcome.append(e)
+        finally:
+            reader.close()
+
+    async def go() -> object:
+        t = threading.Thread(target=read)
+        t.start()
+        try:
+            return await download(server.attach(), target, workdir, FAST, stats=stats,  # type: ignore[arg-type]
+                                  progress=progress)
+        except Exception as e:  # noqa: BLE001 - returned for the test to look at
+            return e
+        finally:
+            progress.abort()
+            await asyncio.to_thread(t.join, 5)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    part_path(workdir, target).touch()  # type: ignore[arg-type]
+    result = run(go())
+    return result, outcome[0] if outcome else None
+
+
+@pytest.mark.parametrize("knob", [{}, {"reorder": True}, {"duplicate": True}])
+def test_a_reader_checks_every_block_and_the_download_ends_when_it_has(tmp_path: Path, knob: dict[str, object]) -> None:
+    data = payload()
+    server, target = setup(data, **knob)
+    result, read = download_with_reader(server, target, tmp_path, DownloadStats())
+    assert isinstance(result, Path) and result.read_bytes() == data
+    assert read == data
+    assert not record_path(tmp_path, target).exists()  # type: ignore[arg-type]
+
+
+def test_a_block_the_reader_rejects_ends_the_download_and_only_checked_blocks_are_kept(tmp_path: Path) -> None:
+    data = payload()
+    server, target = setup(data, corrupt_offsets={3 * 4096})
+    result, read = download_with_reader(server, target, tmp_path, DownloadStats())
+    assert isinstance(result, BlockRejected) and "block 3 does not match" in str(result)
+    assert isinstance(read, BlockRejected)
+    import json
+    done = json.loads(record_path(tmp_path, target).read_bytes())["done"]  # type: ignore[arg-type]
+    assert done == [0, 1, 2]  # the altered block and whatever came after it unchecked: not vouched for
+
+    healthy = FakeServer(files=server.files)
+    stats = DownloadStats()
+    result, read = download_with_reader(healthy, target, tmp_path, stats)
+    assert isinstance(result, Path) and read == data
+    assert stats.blocks_resumed == 3
+    assert {r.offset for r in healthy.block_requests()} == {i * 4096 for i in range(3, 11)}
+
+
+def test_a_reader_that_gives_up_stops_the_download_with_its_error(tmp_path: Path) -> None:
+    from agent.errors import ManifestError
+
+    server, target = setup(payload(), silent_after=8)  # were the download to wait for more, it would time out
+    result, read = download_with_reader(server, target, tmp_path, DownloadStats(), fail_after=2 * 4096)
+    assert isinstance(result, ManifestError) and result is read
