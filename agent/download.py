@@ -4,11 +4,10 @@ The repository signs, for each bundle, the SHA-256 of every ``block_size``
 slice (see docs/protocol.md). Blocks are requested ``blocks_in_flight`` at a
 time; each reply is written in place into ``<sha256>.part`` as the channel
 delivers it (no task, future or thread hop per block: per-message Python work
-is what limits throughput), and a block is remembered in
-``<sha256>.record.json`` once it has matched its hash. After a reconnect or a
-restart the record says which blocks are already here; they are hashed again (a
-power cut may have lost a write the record claimed) and only the missing ones
-are asked for.
+is what limits throughput) and remembered in ``<sha256>.record.json``. After
+a reconnect or a restart the record says which blocks are already here; they
+are hashed again (a power cut may have lost a write the record claimed, and a
+block may not have been checked yet) and only the missing ones are asked for.
 
 Who hashes the blocks: without a :class:`Progress`, the event loop, before it
 writes each one. With one, a :class:`GrowingReader` in another thread (the
@@ -233,7 +232,7 @@ class _Record:
         self.done: set[int] = set()
         self._dirty = False
         self._lock = threading.Lock()
-        """Blocks are added by the event loop or the reader's thread; flushes run in a worker thread."""
+        """Blocks are added on the event loop; flushes run in a worker thread."""
 
     def load(self) -> set[int]:
         try:
@@ -490,17 +489,17 @@ class _Blocks:
                 f"{t.length}; got {len(reply.body)} at {reply.offset} of {reply.total})")
 
     def _write(self, first: int, count: int, offset: int, body: bytes | memoryview) -> None:
-        """Write blocks ``first..first+count``. Without a reader, check them against TUF first
-        (raises BlockRejected) and record them; with one, it checks and records them."""
+        """Write and record blocks ``first..first+count``. Without a reader, check them against
+        TUF first (raises BlockRejected); with one, the reader checks them."""
         t = self._target
         if self._progress is None:
             bad = _check_and_write(t, self._fd, first, count, offset, body)
             if bad is not None:
                 raise BlockRejected(f"{t.path}: block {bad} does not match its signed hash "
                                     "(altered in transit, or from another bundle)")
-            self._record.add(first, count)
         else:
             os.pwrite(self._fd, body, offset)
+        self._record.add(first, count)  # a hint: _resume hashes every recorded block again
         failpoint.hit("download.block")
         if self._progress is not None:
             self._progress.mark(first, count)
@@ -529,7 +528,6 @@ class _Blocks:
 
     def _on_checked(self, first: int, count: int) -> None:
         """In the reader's thread: these blocks matched; the last one ends the download."""
-        self._record.add(first, count)
         if first + count == self._target.blocks and self._done_loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                 self._done_loop.call_soon_threadsafe(self._finish_if_complete)

@@ -37,6 +37,8 @@ class FakeServer:
     """Serve blocks from these bytes instead (a block from another bundle)."""
     drop_first: set[int] = field(default_factory=set)
     """Offsets whose first request goes unanswered (a lost message)."""
+    drop_always: set[int] = field(default_factory=set)
+    """Offsets never answered."""
     duplicate: bool = False
     reorder: bool = False
     truncate: bool = False
@@ -89,6 +91,8 @@ class FakeServer:
             return [encode_reply(Reply(id=req.id, status="ok", body=self.meta[req.name]))]
         if req.offset in self.drop_first:
             self.drop_first.discard(req.offset)
+            return []
+        if req.offset in self.drop_always:
             return []
         data = self.files.get(req.path)
         if data is None:

@@ -346,22 +346,41 @@ def test_a_reader_checks_every_block_and_the_download_ends_when_it_has(tmp_path:
     assert not record_path(tmp_path, target).exists()  # type: ignore[arg-type]
 
 
-def test_a_block_the_reader_rejects_ends_the_download_and_only_checked_blocks_are_kept(tmp_path: Path) -> None:
+def test_a_block_the_reader_rejects_ends_the_download_and_the_next_attempt_fetches_only_it(tmp_path: Path) -> None:
+    import json
+
     data = payload()
     server, target = setup(data, corrupt_offsets={3 * 4096})
     result, read = download_with_reader(server, target, tmp_path, DownloadStats())
     assert isinstance(result, BlockRejected) and "block 3 does not match" in str(result)
     assert isinstance(read, BlockRejected)
-    import json
-    done = json.loads(record_path(tmp_path, target).read_bytes())["done"]  # type: ignore[arg-type]
-    assert done == [0, 1, 2]  # the altered block and whatever came after it unchecked: not vouched for
+    done = set(json.loads(record_path(tmp_path, target).read_bytes())["done"])  # type: ignore[arg-type]
+    assert {0, 1, 2, 3} <= done  # what was written is recorded, checked or not: a resume hashes it again
 
     healthy = FakeServer(files=server.files)
     stats = DownloadStats()
     result, read = download_with_reader(healthy, target, tmp_path, stats)
     assert isinstance(result, Path) and read == data
-    assert stats.blocks_resumed == 3
-    assert {r.offset for r in healthy.block_requests()} == {i * 4096 for i in range(3, 11)}
+    assert stats.blocks_resumed == len(done) - 1  # the altered block fails its hash on resume
+    assert {r.offset for r in healthy.block_requests()} == {i * 4096 for i in range(11) if i not in done or i == 3}
+
+
+def test_blocks_written_past_a_gap_are_kept_when_the_download_fails(tmp_path: Path) -> None:
+    """One block never answered: the reader waits at the gap, yet the blocks that arrived after it
+    are recorded, so the next attempt asks only for the missing one."""
+    import json
+
+    data = payload()
+    server, target = setup(data, drop_always={2 * 4096})
+    result, read = download_with_reader(server, target, tmp_path, DownloadStats())
+    assert isinstance(result, LinkError)
+    done = json.loads(record_path(tmp_path, target).read_bytes())["done"]  # type: ignore[arg-type]
+    assert done == [0, 1, *range(3, 11)]
+
+    healthy = FakeServer(files=server.files)
+    result, read = download_with_reader(healthy, target, tmp_path, DownloadStats())
+    assert isinstance(result, Path) and read == data
+    assert [r.offset for r in healthy.block_requests()] == [2 * 4096]
 
 
 def test_a_reader_that_gives_up_stops_the_download_with_its_error(tmp_path: Path) -> None:
