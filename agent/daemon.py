@@ -18,7 +18,6 @@ link is retried with backoff, resuming the download where it stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import failpoint
+from agent.aio import wait_event
 from agent.bundle import verify_stream
 from agent.channel import Channel, ChannelStats
 from agent.download import DownloadStats, GrowingReader, Progress, discard, download, part_path
@@ -174,8 +174,7 @@ class Agent:
             wait = delay * (0.5 + self._random.random())
             delay = min(delay * 2, self.config.reconnect_max)
             log.info("reconnecting in %.1f s", wait)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+            await wait_event(stop, wait)
 
     async def run_once(self) -> int:
         """Connect, run one update cycle, disconnect. Raises what the cycle hit."""
@@ -277,8 +276,7 @@ class Agent:
                 self._error(EdgeshipError(f"internal error: {type(e).__name__}: {e}"))
                 wait = min(backoff * (0.5 + self._random.random()), self.config.refresh_interval)
                 backoff = min(backoff * 2, self.config.reconnect_max)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await wait_event(self._wake, wait)
 
     # --- one update cycle -------------------------------------------------
 

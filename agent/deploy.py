@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from agent import failpoint
+from agent.aio import wait_event
 from agent.config import InstallConfig, WatchConfig
 from agent.errors import BadData, EdgeshipError
 from agent.install import Release, load_release, prepare
@@ -208,7 +209,4 @@ class Deployer:
                         await self.install(model, self._keys)
             except EdgeshipError as e:
                 log.error("watch check or deferred install failed: %s", e)
-            try:
-                await asyncio.wait_for(stop.wait(), self.watch_cfg.check_interval)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(stop, self.watch_cfg.check_interval)

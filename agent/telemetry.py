@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.aio import wait_event
 from agent.config import MiB
 from agent.errors import LinkError, UsageError
 from agent.outbox import Outbox
@@ -262,9 +263,7 @@ class Reporter:
         """Queue telemetry every ``interval`` seconds until ``stop`` (online or not), then fsync the outbox."""
         try:
             while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), interval)
-                except asyncio.TimeoutError:
+                if not await wait_event(stop, interval):
                     self.telemetry(models())
                     self.outbox.sync()
         finally:
