@@ -420,8 +420,19 @@ class _Blocks:
             deadline.cancel()
             for req_id in self._asked:
                 self._channel.cancel(req_id)
-            if self._flushing is not None:
-                await asyncio.gather(self._flushing, return_exceptions=True)
+            await self._flush_finished()
+
+    async def _flush_finished(self) -> None:
+        """Wait for a background record flush to end, however often the caller is cancelled: the
+        caller flushes and closes the part file next, and the flush is fsyncing it."""
+        flushing, cancelled = self._flushing, False
+        while flushing is not None and not flushing.done():
+            try:
+                await asyncio.wait((flushing,))  # unlike gather, never cancels what it waits for
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _ask_next(self) -> None:
         if self._todo:

@@ -389,3 +389,52 @@ def test_a_reader_that_gives_up_stops_the_download_with_its_error(tmp_path: Path
     server, target = setup(payload(), silent_after=8)  # were the download to wait for more, it would time out
     result, read = download_with_reader(server, target, tmp_path, DownloadStats(), fail_after=2 * 4096)
     assert isinstance(result, ManifestError) and result is read
+
+
+def test_a_download_cancelled_twice_waits_for_its_background_flush(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record is flushed in a worker thread that fsyncs the part file; the download must not
+    close that file (and flush again on the loop) until the thread is done, even when a second
+    cancellation interrupts the wait for it."""
+    import threading
+    import time
+
+    import agent.download as dl
+
+    started, finished = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    real_flush = dl._Record.flush
+
+    def slow_flush(self: dl._Record, part_fd: int) -> None:
+        if threading.current_thread() is threading.main_thread():
+            return real_flush(self, part_fd)  # the download's own last flush, after the wait
+        started.set()
+        time.sleep(0.3)
+        try:
+            os.fstat(part_fd)  # still open?
+            real_flush(self, part_fd)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+        finished.set()
+
+    monkeypatch.setattr(dl._Record, "flush", slow_flush)
+    monkeypatch.setattr(dl, "FLUSH_BYTES", 1)  # flush after the first block
+    server, target = setup(payload(), silent_after=5)
+    done_before_return: list[bool] = []
+
+    async def go() -> None:
+        task = asyncio.ensure_future(download(server.attach(), target, tmp_path, FAST))  # type: ignore[arg-type]
+        while not started.is_set() and not task.done():
+            await asyncio.sleep(0.01)
+        assert started.is_set()
+        task.cancel()
+        await asyncio.sleep(0.01)
+        task.cancel()
+        try:
+            await task
+        finally:
+            done_before_return.append(finished.is_set())
+
+    with pytest.raises(asyncio.CancelledError):
+        run(go())
+    assert done_before_return == [True] and not errors
