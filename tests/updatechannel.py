@@ -192,7 +192,25 @@ async def running_agent(config: AgentConfig, events: list[dict[str, Any]] | None
         yield agent
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)  # an agent that died early re-raises its error here
+        await asyncio.wait((task,), timeout=10)
+        if not task.done():
+            raise AssertionError(f"the agent did not stop within 10 s of being asked to:\n{_stacks()}")
+        task.result()  # an agent that died early re-raises its error here
+
+
+def _stacks() -> str:
+    """Every task's and thread's stack, to show where an agent that does not stop is waiting."""
+    import io
+    import sys
+    import traceback
+
+    out = io.StringIO()
+    for t in asyncio.all_tasks():
+        out.write(f"--- task {t.get_name()} {t.get_coro()!r}\n")
+        t.print_stack(file=out)
+    for ident, frame in sys._current_frames().items():
+        out.write(f"--- thread {ident}\n{''.join(traceback.format_stack(frame))}")
+    return out.getvalue()
 
 
 __all__ = ["Agent", "EvilServer", "aiomqtt", "agent_config", "held_state", "now", "publish_raw", "running_agent",
