@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import failpoint
-from agent.aio import wait_event
+from agent.aio import cancel_and_wait, wait_event
 from agent.bundle import verify_stream
 from agent.channel import Channel, ChannelStats
 from agent.download import DownloadStats, GrowingReader, Progress, discard, download, part_path
@@ -193,9 +193,8 @@ class Agent:
                     await self.update_cycle(channel)
                 finally:
                     channel.close()
-                    reader.cancel()
                     self.reporting.close()
-                    await asyncio.gather(reader, return_exceptions=True)
+                    await cancel_and_wait((reader,))
         except aiomqtt.MqttError as e:
             raise LinkError(f"broker {self.config.broker.url}: {e}") from None
         if self.status.last_exception is not None:
@@ -233,9 +232,7 @@ class Agent:
                 await self.reporting.going_offline(client)
         finally:
             channel.close()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             log.debug("session ended")
 
     async def _read_hints(self, client: Any) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
+from agent.aio import cancel_and_wait
 from agent.outbox import Outbox
 from agent.protocol import presence_topic, state_topic
 from agent.settings import AgentConfig
@@ -147,9 +148,7 @@ class DeviceReporting:
             for t in done:
                 t.result()
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
 
     async def going_offline(self, client: Any) -> None:
         """A clean stop: the will is not sent on a normal disconnect, so say it ourselves."""

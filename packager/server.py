@@ -44,6 +44,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 
+from agent.aio import cancel_and_wait
 from agent.errors import LinkError, UsageError
 from agent.mqtt import BrokerSettings, Protocol, make_client, on_published, paho_of
 from agent.protocol import (
@@ -113,8 +114,7 @@ class Server:
         try:
             await self._connections(stop, ready)
         finally:
-            resign.cancel()
-            await asyncio.gather(resign, return_exceptions=True)
+            await cancel_and_wait((resign,))
             self.handler.close()
             log.info("server stopped: %s", self.stats.summary())
 
@@ -170,9 +170,7 @@ class Server:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
         for task in done:
             error = None if task.cancelled() else task.exception()
             if error is not None:

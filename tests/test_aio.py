@@ -34,3 +34,27 @@ def test_a_cancel_that_races_the_event_is_not_swallowed() -> None:
 
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(go())
+
+
+def test_cancel_and_wait_ends_a_task_that_swallowed_the_first_cancel() -> None:
+    """What aiomqtt's publish can do on 3.11 (its wait_for returns as the PUBACK lands): the
+    task carries on into its next wait. One cancel and a gather would wait forever."""
+    from agent.aio import cancel_and_wait
+
+    async def swallows_once() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # as if the awaited publish had just completed
+        await asyncio.sleep(30)
+
+    async def go() -> tuple[bool, bool]:
+        once = asyncio.ensure_future(swallows_once())
+        await asyncio.sleep(0)
+        once.cancel()
+        done, _ = await asyncio.wait((once,), timeout=0.3)
+        one_cancel_was_enough = bool(done)
+        await cancel_and_wait((once,), again_after=0.05)
+        return one_cancel_was_enough, once.cancelled()
+
+    assert asyncio.run(asyncio.wait_for(go(), 10)) == (False, True)
