@@ -113,27 +113,29 @@ class Progress:
         self.aborted = False
         self.checked_blocks = 0
         """Blocks from the start that the reader has checked."""
-        self._listener: tuple[asyncio.AbstractEventLoop, Callable[[int, int], None],
+        self._listener: tuple[asyncio.AbstractEventLoop, Callable[[], None],
                               Callable[[BaseException], None]] | None = None
 
-    def listen(self, loop: asyncio.AbstractEventLoop, on_checked: Callable[[int, int], None],
+    def listen(self, loop: asyncio.AbstractEventLoop, on_all_checked: Callable[[], None],
                on_failed: Callable[[BaseException], None]) -> None:
-        """The download's side: ``on_checked(first, count)`` runs in the reader's thread;
-        ``on_failed(error)`` on ``loop``."""
-        self._listener = (loop, on_checked, on_failed)
+        """The download's side: both are called on ``loop``."""
+        self._listener = (loop, on_all_checked, on_failed)
 
     def checked(self, first: int, count: int) -> None:
         """The reader's side: blocks ``first..first+count`` (the next ones) match their hashes."""
         self.checked_blocks = first + count
-        if self._listener is not None:
-            self._listener[1](first, count)
+        if self.checked_blocks == self.target.blocks and self._listener is not None:
+            self._post(self._listener[1])
 
     def failed(self, error: BaseException) -> None:
         """The reader's side: it stopped (a block did not match, or the bundle is bad)."""
         if self._listener is not None:
-            loop, _, on_failed = self._listener
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(on_failed, error)
+            self._post(self._listener[2], error)
+
+    def _post(self, fn: Callable[..., None], *args: object) -> None:
+        assert self._listener is not None
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._listener[0].call_soon_threadsafe(fn, *args)
 
     def mark(self, first: int, count: int) -> None:
         with self._cond:
@@ -169,7 +171,6 @@ class GrowingReader:
         self._path = path
         self._progress = progress
         self._target = progress.target
-        self._length = progress.target.length
         self._pos = 0
         self._checked = 0
         """Bytes from the start whose blocks matched (always a whole number of blocks, or all)."""
@@ -178,11 +179,11 @@ class GrowingReader:
         self._fd: int | None = None
 
     def read(self, n: int = -1) -> bytes:
-        end = self._length if n < 0 else min(self._pos + n, self._length)
+        end = self._target.length if n < 0 else min(self._pos + n, self._target.length)
         if end <= self._pos:
             return b""
         if end > self._checked:  # whole blocks, so that each is checked before any byte of it is used
-            self._check_to(min(self._length, -(-end // self._target.block_size) * self._target.block_size))
+            self._check_to(min(self._target.length, -(-end // self._target.block_size) * self._target.block_size))
         take = end - self._pos
         data, self._buf = (self._buf, b"") if take == len(self._buf) else (self._buf[:take], self._buf[take:])
         self._pos = end
@@ -375,9 +376,10 @@ def _spans(target: BlockedTarget, done: set[int], per_request: int) -> list[tupl
 
 class _Blocks:
     """The block requests of one download, ``blocks_in_flight`` at a time, driven by the channel's
-    callbacks: each reply is checked, written and followed by the next request as it is delivered,
-    with no task, future or thread hop per block (hashing 256 KiB takes a fraction of a
-    millisecond). The first bad reply, or a request unanswered after its retries, ends it."""
+    callbacks: each reply is checked against its request, written (its blocks hashed first, unless
+    a reader does that) and followed by the next request as it is delivered, with no task, future
+    or thread hop per block. The first bad reply or block, or a request unanswered after its
+    retries, ends it."""
 
     def __init__(self, channel: Channel, target: BlockedTarget, fd: int, record: _Record, limits: UpdateLimits,
                  stats: DownloadStats, progress: Progress | None) -> None:
@@ -398,17 +400,16 @@ class _Blocks:
         self._flushed_bytes = stats.bytes_fetched
         self._flushing: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
-        self._done_loop: asyncio.AbstractEventLoop | None = None
 
     async def fetch(self) -> None:
         """Every missing block, checked and written; raises what ended the download early.
 
         The deadline is a timer, not ``asyncio.wait_for``: no inner task, so cancelling the caller
         cancels this (3.11's wait_for can swallow a cancellation that races a finished inner task)."""
-        loop = self._done_loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         if self._progress is not None:
-            self._progress.listen(loop, self._on_checked, self._finish)
+            self._progress.listen(loop, self._finish_if_complete, self._finish)
         deadline = loop.call_later(self._limits.download_deadline, self._finish, DownloadTimeout(
             f"{self._target.path}: download did not finish within {self._limits.download_deadline:g} s"))
         try:
@@ -536,12 +537,6 @@ class _Blocks:
         self._flushing = None
         if not fut.cancelled() and fut.exception() is not None:
             self._finish(fut.exception())
-
-    def _on_checked(self, first: int, count: int) -> None:
-        """In the reader's thread: these blocks matched; the last one ends the download."""
-        if first + count == self._target.blocks and self._done_loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                self._done_loop.call_soon_threadsafe(self._finish_if_complete)
 
     def _finish_if_complete(self) -> None:
         if not self._todo and not self._asked and (
