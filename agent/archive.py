@@ -65,6 +65,11 @@ _OPEN_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 )
 _GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_HEADER = 10
+"""The fixed part of a gzip header: magic, method, flags, mtime, extra flags, OS."""
+_FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 2, 4, 8, 16
+_MAX_GZIP_HEADER = 4 * KiB
+"""Longest gzip header accepted, optional fields included (write_archive's has none: 10 bytes)."""
 
 _REJECTED_TYPES = {
     b"1": "hard links",
@@ -170,21 +175,28 @@ class _GzipStream:
     Raises as soon as more than ``max_raw`` compressed or ``max_out``
     decompressed bytes have passed; zlib never produces more than
     ``_INFLATE_CHUNK`` bytes per call, so a bomb cannot overshoot by more.
+
+    The gzip header and trailer (RFC 1952) are read here and zlib inflates the raw deflate data
+    between them, so that the trailer's CRC-32 is checked only with ``check_crc``. Its length
+    field is always checked. Skip the CRC only when every byte was already checked against a
+    signed hash (the agent's download, block by block against TUF): it would repeat that check,
+    at a quarter of the cost of a SHA-256 pass, and proves nothing against an attacker, who can
+    recompute it.
     """
 
-    def __init__(self, src: BinaryIO, *, max_raw: int, max_out: int) -> None:
+    def __init__(self, src: BinaryIO, *, max_raw: int, max_out: int, check_crc: bool = True) -> None:
         self._src = src
         self._max_raw = max_raw
         self._max_out = max_out
-        self._inflater = zlib.decompressobj(wbits=31)
+        self._inflater = zlib.decompressobj(wbits=-zlib.MAX_WBITS)
+        self._crc: int | None = 0 if check_crc else None
         self._buf = bytearray()
         self.raw_bytes = 0
         self.out_bytes = 0
+        self._after_trailer: bytes | None = None
+        """What followed the trailer in the last read (None until the trailer is checked)."""
         self._pending = self._read_src()
-        while 0 < len(self._pending) < len(_GZIP_MAGIC) and (more := self._read_src()):
-            self._pending += more
-        if not self._pending.startswith(_GZIP_MAGIC):
-            raise ArchiveError("not an edgeship bundle (not gzip)")
+        self._read_header()
 
     def _read_src(self) -> bytes:
         data = self._src.read(min(_READ_CHUNK, self._max_raw - self.raw_bytes + 1)) or b""
@@ -192,6 +204,46 @@ class _GzipStream:
         if self.raw_bytes > self._max_raw:
             raise LimitExceeded(f"bundle is larger than max_bundle_bytes ({self._max_raw} compressed bytes)")
         return bytes(data)
+
+    def _have(self, n: int) -> bool:
+        """Are there ``n`` bytes pending, reading more as needed?"""
+        while len(self._pending) < n and (more := self._read_src()):
+            self._pending += more
+        return len(self._pending) >= n
+
+    def _read_header(self) -> None:
+        if not (self._have(len(_GZIP_MAGIC)) and self._pending.startswith(_GZIP_MAGIC)):
+            raise ArchiveError("not an edgeship bundle (not gzip)")
+        if not self._have(_GZIP_HEADER):
+            raise ArchiveError("truncated bundle: the gzip stream ends early")
+        method, flags = self._pending[2], self._pending[3]
+        if method != 8:
+            raise ArchiveError(f"corrupt gzip stream: compression method {method} is not deflate")
+        if flags & 0xE0:
+            raise ArchiveError("corrupt gzip stream: reserved header flags are set")
+        end = _GZIP_HEADER
+        if flags & _FEXTRA:
+            if not self._have(end + 2):
+                raise ArchiveError("truncated bundle: the gzip stream ends early")
+            end += 2 + int.from_bytes(self._pending[end:end + 2], "little")
+        for flag in (_FNAME, _FCOMMENT):  # zero-terminated strings
+            if flags & flag:
+                while (zero := self._pending.find(b"\0", end, _MAX_GZIP_HEADER)) < 0:
+                    if len(self._pending) >= _MAX_GZIP_HEADER:
+                        raise LimitExceeded(f"gzip header is longer than {_MAX_GZIP_HEADER} bytes")
+                    if not self._have(len(self._pending) + 1):
+                        raise ArchiveError("truncated bundle: the gzip stream ends early")
+                end = zero + 1
+        if flags & _FHCRC:
+            end += 2
+        if end > _MAX_GZIP_HEADER:
+            raise LimitExceeded(f"gzip header is longer than {_MAX_GZIP_HEADER} bytes")
+        if not self._have(end):
+            raise ArchiveError("truncated bundle: the gzip stream ends early")
+        if flags & _FHCRC and self._crc is not None:
+            if int.from_bytes(self._pending[end - 2:end], "little") != zlib.crc32(self._pending[:end - 2]) & 0xFFFF:
+                raise ArchiveError("corrupt gzip stream: incorrect header check")
+        self._pending = self._pending[end:]
 
     def _inflate(self, max_length: int) -> bytes:
         """One zlib step: at most ``max_length`` bytes (b"" when it only consumed input)."""
@@ -209,7 +261,23 @@ class _GzipStream:
             raise LimitExceeded(
                 f"bundle decompresses to more than {self._max_out} bytes (max_unpacked_bytes plus tar overhead)"
             )
+        if self._crc is not None:
+            self._crc = zlib.crc32(out, self._crc)
+        if self._inflater.eof:
+            self._read_trailer()
         return out
+
+    def _read_trailer(self) -> None:
+        """CRC-32 (with ``check_crc``) and length of what was inflated, little-endian."""
+        self._pending = self._inflater.unused_data
+        if not self._have(8):
+            raise ArchiveError("truncated bundle: the gzip stream ends early")
+        crc, size = int.from_bytes(self._pending[:4], "little"), int.from_bytes(self._pending[4:8], "little")
+        if self._crc is not None and crc != self._crc:
+            raise ArchiveError("corrupt gzip stream: incorrect data check")
+        if size != self.out_bytes & 0xFFFFFFFF:
+            raise ArchiveError("corrupt gzip stream: incorrect length check")
+        self._after_trailer, self._pending = self._pending[8:], b""
 
     def _fill(self, n: int) -> None:
         while len(self._buf) < n and not self._inflater.eof:
@@ -242,7 +310,7 @@ class _GzipStream:
         self._fill(1)
         if self._buf or not self._inflater.eof:
             raise ArchiveError("data after the end of the tar archive")
-        if self._inflater.unused_data or self._read_src():
+        if self._after_trailer or self._read_src():
             raise ArchiveError("trailing data after the gzip stream (only one gzip member is allowed)")
 
 
@@ -468,9 +536,10 @@ class _TarReader:
         self._gz.finish()
 
 
-def _open_stream(src: BinaryIO, limits: BundleLimits) -> _TarReader:
+def _open_stream(src: BinaryIO, limits: BundleLimits, *, check_crc: bool = True) -> _TarReader:
     overhead = (limits.max_members + 1) * (3 * _BLOCK + MAX_PAX_BYTES) + MAX_END_PADDING + 2 * _BLOCK
-    gz = _GzipStream(src, max_raw=limits.max_bundle_bytes, max_out=limits.max_unpacked_bytes + overhead)
+    gz = _GzipStream(src, max_raw=limits.max_bundle_bytes, max_out=limits.max_unpacked_bytes + overhead,
+                     check_crc=check_crc)
     return _TarReader(gz, limits)
 
 
@@ -535,14 +604,16 @@ def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits) -> dict
 
 
 def scan_archive(src: BinaryIO, limits: BundleLimits, *, keep: Collection[str] = (),
-                 max_keep_bytes: int) -> tuple[dict[str, Member], dict[str, bytes]]:
+                 max_keep_bytes: int, gzip_crc: bool = True) -> tuple[dict[str, Member], dict[str, bytes]]:
     """Check and hash every member of the archive ``src`` without writing anything.
 
     The same rules as :func:`extract_archive` apply, end of archive and trailing
     data included. The bytes of the members named in ``keep`` (small ones: the
     manifest, the signature; at most ``max_keep_bytes`` each) are returned too.
+    ``gzip_crc=False`` skips the gzip CRC-32 (see :class:`_GzipStream`): only for
+    bytes already checked against a signed hash.
     """
-    tar = _open_stream(src, limits)
+    tar = _open_stream(src, limits, check_crc=gzip_crc)
     members: dict[str, Member] = {}
     kept: dict[str, bytes] = {}
     while (header := tar.next()) is not None:

@@ -181,13 +181,15 @@ def verify_file(bundle: Path, *, trusted_keys: Sequence[TrustedKey], limits: Bun
 
 
 def verify_stream(src: BinaryIO, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits(),
-                  file_sha256: bool = True) -> CheckedFile:
-    """:func:`verify_file` over any reader (e.g. a file still being downloaded)."""
+                  file_sha256: bool = True, gzip_crc: bool = True) -> CheckedFile:
+    """:func:`verify_file` over any reader (e.g. a file still being downloaded). ``gzip_crc=False``
+    skips the gzip CRC-32, for a reader whose every byte was checked against a TUF-signed hash: it
+    would only repeat that check (the member digests and the signature are checked either way)."""
     if not trusted_keys:
         raise UsageError("no trusted keys given: pass at least one public key")
     reader: Any = _HashingReader(src) if file_sha256 else src
     members, kept = scan_archive(reader, limits, keep=(MANIFEST_NAME, SIGNATURE_NAME),
-                                 max_keep_bytes=limits.max_json_bytes)
+                                 max_keep_bytes=limits.max_json_bytes, gzip_crc=gzip_crc)
     manifest, statement = verify_members(kept.__getitem__, members, trusted_keys, limits)
     log.info("bundle %s %s verified in place (signer %s)", manifest.name, manifest.version,
              statement.signer_key_id[:16])

@@ -678,6 +678,62 @@ def test_corrupt_gzip(tmp_path: Path, dest: Path) -> None:
     reject(bytes(bad_method), dest, ArchiveError, "corrupt gzip stream")
 
 
+def gzip_with_header(tar: bytes, flags: int, fields: bytes) -> bytes:
+    """``tar`` gzipped by hand, with header ``flags`` and the optional ``fields`` after the fixed part."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = c.compress(tar) + c.flush()
+    fixed = b"\x1f\x8b\x08" + bytes([flags]) + bytes(4) + b"\x00\xff"
+    return fixed + fields + body + struct.pack("<II", zlib.crc32(tar), len(tar))
+
+
+def test_gzip_header_optional_fields_are_read(dest: Path) -> None:
+    """Extra field, file name, comment and header CRC (what other gzip writers add) are skipped
+    correctly, so the deflate data is found after them."""
+    tar = member("a.txt", b"hello") + END
+    extra = struct.pack("<H", 6) + b"AB\x02\x00xy"
+    name, comment = b"a.tar\0", b"made by hand\0"
+    no_hcrc = gzip_with_header(tar, 4 | 8 | 16, extra + name + comment)
+    header = no_hcrc[:10 + len(extra + name + comment)]
+    hcrc = struct.pack("<H", zlib.crc32(bytes([*header[:3], header[3] | 2, *header[4:]])) & 0xFFFF)
+    with_hcrc = gzip_with_header(tar, 2 | 4 | 8 | 16, extra + name + comment + hcrc)
+    for data in (no_hcrc, with_hcrc, gzip.compress(tar, mtime=0)):
+        assert extract(data, dest) == {"a.txt": Member(name="a.txt", size=5, sha256=hashlib.sha256(b"hello").hexdigest())}
+        for p in dest.iterdir():
+            p.unlink()
+    bad_hcrc = bytearray(with_hcrc)
+    bad_hcrc[len(header)] ^= 0xFF
+    reject(bytes(bad_hcrc), dest, ArchiveError, "incorrect header check")
+
+
+def test_gzip_header_rules(dest: Path) -> None:
+    tar = member("a.txt") + END
+    reject(gzip_with_header(tar, 0x20, b""), dest, ArchiveError, "reserved header flags")
+    reject(gzip_with_header(tar, 8, b"x" * (8 * KiB) + b"\0"), dest, LimitExceeded, "gzip header is longer")
+    reject(gzip_with_header(tar, 4, struct.pack("<H", 8 * KiB) + bytes(8 * KiB)), dest, LimitExceeded,
+           "gzip header is longer")
+    for cut in (5, 11, 14):  # inside the fixed header, the extra length, the file name
+        reject(gzip_with_header(tar, 4 | 8, struct.pack("<H", 1) + b"E" + b"name\0")[:cut], dest, ArchiveError,
+               "the gzip stream ends early")
+
+
+def test_gzip_crc_can_be_skipped_for_bytes_already_checked(tmp_path: Path, dest: Path) -> None:
+    """scan_archive(gzip_crc=False) - for bytes each checked against a signed hash already - does
+    not compute the CRC-32; the trailer's length is still checked, and everything else."""
+    data = bundle_bytes(tmp_path, {"a.txt": b"hello" * 100})
+    bad_crc = bytearray(data)
+    bad_crc[-8] ^= 0xFF
+    with pytest.raises(ArchiveError, match="incorrect data check"):
+        scan_archive(binary(OneWayReader(bytes(bad_crc))), LIMITS, max_keep_bytes=1)
+    members, _ = scan_archive(binary(OneWayReader(bytes(bad_crc))), LIMITS, max_keep_bytes=1, gzip_crc=False)
+    assert members["a.txt"].sha256 == hashlib.sha256(b"hello" * 100).hexdigest()
+    bad_len = bytearray(data)
+    bad_len[-1] ^= 0xFF
+    with pytest.raises(ArchiveError, match="incorrect length check"):
+        scan_archive(binary(OneWayReader(bytes(bad_len))), LIMITS, max_keep_bytes=1, gzip_crc=False)
+    with pytest.raises(ArchiveError, match="trailing data"):
+        scan_archive(binary(OneWayReader(bytes(bad_crc) + b"x")), LIMITS, max_keep_bytes=1, gzip_crc=False)
+
+
 # --- dest_dir and clean-up -----------------------------------------------------------------
 
 
