@@ -10,6 +10,11 @@ tests/mosquitto.py: set_tcp_nodelay, max_queued_messages 0 with a memory_limit, 
   bytes in 256 KiB chunks to a paho subscriber; MiB/s from the first publish to the last chunk
   received: the transport with nothing on top (no request/response, hashing or disk). Both
   clients share this process, as edgeship's agent and an in-process server would.
+* **floor** (``--floor``, on by default): bare paho request/response with the same settings and
+  the same per-byte work as edgeship's download and verification (bench/rrfloor.py: a part file
+  written in place, read back by a second thread that hashes each block, inflates and hashes the
+  output), and no edgeship code: what request/response and verification cost on this machine
+  whoever implements them. edgeship's *download* against this row is what edgeship itself costs.
 * **edgeship**: ``edgeship serve`` (a subprocess by default, as on a real deployment; ``--server
   thread`` runs it in this process) serves a fresh TUF repository holding the bundle, and a fresh
   ``Agent.run_once()`` (new state directory each time) connects, refreshes TUF, downloads every
@@ -58,6 +63,8 @@ from agent.mqtt import MAX_INFLIGHT, parse_broker_url  # noqa: E402
 from agent.protocol import HINT_TOPIC  # noqa: E402
 from agent.settings import AgentConfig  # noqa: E402
 from packager.repo import BLOCK_SIZE  # noqa: E402
+from bench.rrfloor import download as floor_download  # noqa: E402
+from bench.rrfloor import floor_server, inflated_sha256  # noqa: E402
 from tests.mosquitto import Broker, start_broker, stop_process  # noqa: E402
 from tests.updatechannel import make_repo  # noqa: E402
 
@@ -304,6 +311,7 @@ def deliver(broker: Broker, repo: Path, state: Path, setting: Setting, expect_sh
 class Results:
     size: int
     raw: list[float] = field(default_factory=list)
+    floor: dict[Setting, list[float]] = field(default_factory=dict)
     edgeship: dict[Setting, list[Delivery]] = field(default_factory=dict)
 
 
@@ -314,7 +322,9 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
     bundle, pub = cached_bundle(workdir, args.size_mib)
     data = bundle.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    res = Results(size=len(data), edgeship={s: [] for s in settings})
+    floor_expect = inflated_sha256(bundle) if args.floor else ""
+    res = Results(size=len(data), edgeship={s: [] for s in settings},
+                  floor={s: [] for s in settings} if args.floor else {})
     with tempfile.TemporaryDirectory(prefix="run-", dir=workdir) as tmp_name:
         tmp = Path(tmp_name)
         repo = make_repo(tmp / "repo", pub, bundle)
@@ -322,7 +332,8 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
         try:
             serving = (server_process(repo, broker, tmp / "server.log") if args.server == "process"
                        else server_thread(repo, broker))
-            with serving:
+            flooring = floor_server(broker.host, broker.port, bundle) if args.floor else contextlib.nullcontext()
+            with serving, flooring:
                 for _ in range(args.warmup):  # first connections, imports, page cache: not measured
                     raw_stream(broker, data)
                     deliver(broker, repo, tmp / "warmup", settings[0], sha)
@@ -330,6 +341,11 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
                 for rep in range(args.repeat):
                     res.raw.append(raw_stream(broker, data))
                     log.info("rep %d raw: %.1f MiB/s", rep + 1, len(data) / MiB / res.raw[-1])
+                    for s in res.floor:
+                        res.floor[s].append(floor_download(broker.host, broker.port, len(data), tmp / "floor.part",
+                                                           in_flight=s.blocks_in_flight, request=s.request_kib * KiB,
+                                                           expect=floor_expect))
+                        log.info("rep %d floor %s: %.1f MiB/s", rep + 1, s.label, len(data) / MiB / res.floor[s][-1])
                     for s in settings:
                         state = tmp / f"state-{rep}"
                         try:
@@ -352,6 +368,11 @@ def summarize(res: Results, args: argparse.Namespace) -> dict[str, Any]:
         return {"mib_s": statistics.median(r), "min": min(r), "max": max(r), "runs": r}
 
     raw = rates(res.raw)
+    floors = []
+    for s, seconds in res.floor.items():
+        f = rates(seconds)
+        floors.append({"blocks_in_flight": s.blocks_in_flight, "request_kib": s.request_kib, **f,
+                       "ratio": f["mib_s"] / raw["mib_s"]})
     rows: list[dict[str, Any]] = []
     for s, ds in res.edgeship.items():
         e2e, dl = rates([d.end_to_end for d in ds]), rates([d.download for d in ds])
@@ -366,7 +387,7 @@ def summarize(res: Results, args: argparse.Namespace) -> dict[str, Any]:
             "target_met": e2e["mib_s"] / raw["mib_s"] >= TARGET_RATIO,
         })
     return {"bundle_bytes": res.size, "repeat": args.repeat, "warmup": args.warmup, "server": args.server,
-            "raw_chunk": RAW_CHUNK, "target_ratio": TARGET_RATIO, "raw": {**raw, "ratio": 1.0}, "edgeship": rows}
+            "raw_chunk": RAW_CHUNK, "target_ratio": TARGET_RATIO, "raw": {**raw, "ratio": 1.0}, "floor": floors, "edgeship": rows}
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -374,12 +395,14 @@ def print_table(summary: dict[str, Any]) -> None:
     where = "a subprocess" if summary["server"] == "process" else "a thread of the agent's process"
     print(f"\ntransfer bench: {mib:.2f} MiB bundle through Mosquitto on 127.0.0.1, server in {where}, "
           f"{summary['repeat']} repetitions (median, range, ratio to the raw median)")
-    print(f"  {'path':<44} {'MiB/s':>8} {'range':>15} {'vs raw':>7}")
+    print(f"  {'path':<58} {'MiB/s':>8} {'range':>15} {'vs raw':>7}")
 
     def line(label: str, r: dict[str, Any]) -> None:
-        print(f"  {label:<44} {r['mib_s']:8.1f} {r['min']:7.1f}-{r['max']:<7.1f} {r['ratio']:6.2f}x")
+        print(f"  {label:<58} {r['mib_s']:8.1f} {r['min']:7.1f}-{r['max']:<7.1f} {r['ratio']:6.2f}x")
 
     line(f"raw paho stream (QoS 1, {summary['raw_chunk'] // KiB} KiB chunks)", summary["raw"])
+    for f in summary["floor"]:
+        line(f"floor: bare paho req/resp + same work ({f['blocks_in_flight']} x {f['request_kib']} KiB)", f)
     for row in summary["edgeship"]:
         tag = f"{row['blocks_in_flight']} x {row['request_kib']} KiB"
         line(f"edgeship end-to-end ({tag})", row["end_to_end"])
@@ -421,6 +444,8 @@ def main() -> None:
     ap.add_argument("--request-kib", type=int_list, default=[defaults.request_bytes // KiB],
                     help=f"comma-separated list (default {defaults.request_bytes // KiB}, the agent's; max 1024)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured raw + edgeship runs first (default 1)")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the bare request/response floor (bench/rrfloor.py; default on)")
     ap.add_argument("--server", choices=["process", "thread"], default="process",
                     help="edgeship serve as a subprocess (default) or a thread of this process")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache for the bundle and scratch space")

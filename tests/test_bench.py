@@ -26,3 +26,27 @@ def test_bench_imports_and_parses_its_flags(name: str) -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_the_transfer_floor_does_all_its_work(tmp_path: Path) -> None:
+    """bench/rrfloor.py (the bare request/response row of bench/transfer.py) fetches every byte
+    through a real Mosquitto and inflates it to the right digest, out-of-order replies included."""
+    import gzip
+    import os
+
+    from bench.rrfloor import download, floor_server, inflated_sha256
+    from tests.mosquitto import start_broker
+
+    bundle = tmp_path / "b.edge"
+    bundle.write_bytes(gzip.compress(os.urandom(3 * 1024 * 1024 + 1234), mtime=0))
+    broker = start_broker(tmp_path / "mosquitto")
+    try:
+        with floor_server(broker.host, broker.port, bundle):
+            seconds = download(broker.host, broker.port, bundle.stat().st_size, tmp_path / "part",
+                               in_flight=4, request=512 * 1024, expect=inflated_sha256(bundle))
+            assert seconds > 0
+            with pytest.raises(RuntimeError, match="does not hash as expected"):
+                download(broker.host, broker.port, bundle.stat().st_size, tmp_path / "part",
+                         in_flight=4, request=256 * 1024, expect="0" * 64)
+    finally:
+        broker.stop()
