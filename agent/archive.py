@@ -8,8 +8,11 @@ GNU/base-256/sparse extensions, and has had PAX-parsing CVEs (ReDoS, infinite
 loops) that depend on the device's Python patch level. Instead a small strict
 reader accepts exactly the subset :func:`write_archive` produces:
 
-* one gzip member, nothing after it; every compressed and decompressed byte is
-  counted as it streams, so a bomb is stopped at the limit, not after;
+* one gzip member (deflate; no reserved header flags; optional header fields
+  read and skipped, 4 KiB of header at most), nothing after it; the trailer's
+  length always checked, its CRC-32 unless the caller checked every byte against
+  a signed hash already; every compressed and decompressed byte is counted as it
+  streams, so a bomb is stopped at the limit, not after;
 * POSIX ustar headers (magic ``ustar\\0`` ``00``) with a valid checksum and
   plain octal numbers (no base-256, so no negative or huge sizes);
 * regular files only; a PAX ``x`` header may carry ``path`` and ``size`` (which
@@ -559,7 +562,7 @@ def _check_empty_dir(dest_dir: Path) -> None:
 
 
 
-def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits) -> dict[str, Member]:
+def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits, *, gzip_crc: bool = True) -> dict[str, Member]:
     """Stream-extract the bundle archive ``src`` into the existing, empty ``dest_dir``.
 
     ``src`` is read once, front to back (it need not be seekable). Each member
@@ -570,13 +573,14 @@ def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits) -> dict
     created here is removed before the exception propagates. OS errors while
     writing (disk full) propagate as :class:`OSError` after the same clean-up.
 
-    Returns the members by name, in archive order.
+    ``gzip_crc=False`` skips the gzip CRC-32 (see :class:`_GzipStream`): only for a file whose
+    every byte was checked against a signed hash. Returns the members by name, in archive order.
     """
     _check_empty_dir(dest_dir)
     created: list[Path] = []
     members: dict[str, Member] = {}
     try:
-        tar = _open_stream(src, limits)
+        tar = _open_stream(src, limits, check_crc=gzip_crc)
         while (header := tar.next()) is not None:
             path = dest_dir / header.name
             fd = os.open(path, _OPEN_FLAGS, 0o644)

@@ -130,15 +130,17 @@ def open_bundle(
     *,
     trusted_keys: Sequence[TrustedKey],
     limits: BundleLimits = BundleLimits(),
+    gzip_crc: bool = True,
 ) -> VerifiedBundle:
     """Extract ``bundle`` into the empty directory ``dest_dir`` and verify it.
 
-    On any failure ``dest_dir`` is left empty and the error propagates.
+    On any failure ``dest_dir`` is left empty and the error propagates. ``gzip_crc=False`` as in
+    :func:`verify_stream`.
     """
     if not trusted_keys:
         raise UsageError("no trusted keys given: pass at least one public key")
     with _open_source(bundle, limits) as fh:
-        members = extract_archive(fh, dest_dir, limits)
+        members = extract_archive(fh, dest_dir, limits, gzip_crc=gzip_crc)
     try:
         manifest, statement = verify_extracted(dest_dir, members, trusted_keys, limits)
     except BaseException:
@@ -172,12 +174,13 @@ class _HashingReader:
 
 
 def verify_file(bundle: Path, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits(),
-                file_sha256: bool = True) -> CheckedFile:
+                file_sha256: bool = True, gzip_crc: bool = True) -> CheckedFile:
     """Verify ``bundle`` in one streaming pass without writing anything: every archive rule,
     every member digest, the signature, the manifest and, with ``file_sha256``, the file's own
     SHA-256 (the agent skips it: each block was already checked against a TUF-signed hash)."""
     with _open_source(bundle, limits) as fh:
-        return verify_stream(fh, trusted_keys=trusted_keys, limits=limits, file_sha256=file_sha256)
+        return verify_stream(fh, trusted_keys=trusted_keys, limits=limits, file_sha256=file_sha256,
+                             gzip_crc=gzip_crc)
 
 
 def verify_stream(src: BinaryIO, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits(),

@@ -61,7 +61,9 @@ def prepare(store: Store, staged: Held, *, trusted_keys: Sequence[TrustedKey], f
     """Verify, check and self-test the staged bundle into ``releases/<sha256>``. Blocking."""
     bundle = store.bundle_path(staged.sha256)
     final = store.release_dir(staged.sha256)
-    checked = verify_file(bundle, trusted_keys=trusted_keys)
+    # The file's SHA-256 is the one TUF signed (checked below), so the gzip CRC-32 is skipped here
+    # as when the download was verified: the device never refuses at install what it staged.
+    checked = verify_file(bundle, trusted_keys=trusted_keys, gzip_crc=False)
     if checked.sha256 != staged.sha256:
         raise DigestMismatch(f"staged bundle {bundle.name} changed on disk (sha256 {(checked.sha256 or '')[:12]})")
     manifest = checked.manifest
@@ -76,7 +78,7 @@ def prepare(store: Store, staged: Held, *, trusted_keys: Sequence[TrustedKey], f
     tmp = store.releases / f".{staged.sha256[:16]}.{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        vb = open_bundle(bundle, tmp, trusted_keys=trusted_keys)
+        vb = open_bundle(bundle, tmp, trusted_keys=trusted_keys, gzip_crc=False)
         failpoint.hit("install.extracted")
         result = selftest_bundle(vb, threads=threads, fit_checked=True)
         log.info("%s %s self-test passed on %s: %d case(s), max abs error %.3g", manifest.name, manifest.version,

@@ -188,3 +188,28 @@ def test_not_a_bundle(tmp_path: Path, release_key: KeyPair) -> None:
         _verify(junk, tmp_path / "v", release_key)
     with pytest.raises(UsageError, match="not found"):
         _verify(tmp_path / "missing.edge", tmp_path / "v2", release_key)
+
+
+def test_a_wrong_gzip_crc_is_refused_unless_a_signed_hash_covers_the_file(mlp_bundle: Path, release_key: KeyPair,
+                                                                          tmp_path: Path) -> None:
+    """The device skips the gzip CRC-32 both when it verifies a download and when it installs it
+    (every byte matched TUF's hashes): it never stages what it would refuse at install. Anywhere
+    else (publish, inspect, a local verify) the CRC-32 is checked."""
+    from agent.bundle import verify_file
+    from agent.errors import ArchiveError
+
+    data = bytearray(mlp_bundle.read_bytes())
+    data[-8] ^= 0xFF  # the trailer's CRC-32
+    bad = tmp_path / "bad.edge"
+    bad.write_bytes(bytes(data))
+    keys = [release_key.trusted()]
+    with pytest.raises(ArchiveError, match="incorrect data check"):
+        verify_file(bad, trusted_keys=keys)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ArchiveError, match="incorrect data check"):
+        open_bundle(bad, tmp_path / "a", trusted_keys=keys)
+    assert list((tmp_path / "a").iterdir()) == []
+    checked = verify_file(bad, trusted_keys=keys, gzip_crc=False)
+    (tmp_path / "b").mkdir()
+    opened = open_bundle(bad, tmp_path / "b", trusted_keys=keys, gzip_crc=False)
+    assert checked.members == opened.members and opened.manifest.version == "1.0.0"

@@ -144,6 +144,7 @@ def device(broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str,
 
 def test_honest_path_for_comparison(device: Device) -> None:
     agent, evil, exc = device.attacked(None)
+    print("STATE", agent.model_state("mlp"), exc)
     assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     assert len(evil.block_offsets()) >= 4  # a multi-block bundle
 
@@ -179,6 +180,7 @@ def test_duplicated_blocks_are_harmless(device: Device) -> None:
         return [(resp_topic(device_id), reply)] * 2
 
     agent, _, exc = device.attacked(twice)
+    print("STATE", agent.model_state("mlp"), exc)
     assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     assert sum(c.unmatched for c in agent.status.channels) > 0  # the duplicates were dropped, not used twice
 
@@ -188,6 +190,7 @@ def test_out_of_order_blocks_are_harmless(device: Device) -> None:
         return 0.4 - req.offset / (4 << 20) if isinstance(req, BlockRequest) else 0.0
 
     agent, evil, exc = device.attacked(None, reply_delay=later_first)  # type: ignore[arg-type]
+    print("STATE", agent.model_state("mlp"), exc)
     assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     asked = [r.offset for _, r in evil.requests if isinstance(r, BlockRequest)]
     answered = [r.offset for r in evil.answered if isinstance(r, BlockRequest)]
@@ -225,6 +228,7 @@ def test_malformed_messages_are_dropped(device: Device) -> None:
         await publish_raw(device.config.broker, HINT_TOPIC, b"not a hint", retain=True)
     asyncio.run(bad_hint())
     agent, _, exc = device.attacked(tamper)
+    print("STATE", agent.model_state("mlp"), exc)
     assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     assert sum(c.malformed for c in agent.status.channels) >= len(junk)
 
@@ -242,6 +246,7 @@ def test_oversize_metadata(device: Device) -> None:
 
 def test_replayed_older_metadata_is_a_rollback(device: Device) -> None:
     agent, _, exc = device.attacked(None)  # the device moves on to the newer timestamp
+    print("STATE", agent.model_state("mlp"), exc)
     assert exc is None and agent.model_state("mlp").current.version == "1.1.0"  # type: ignore[union-attr]
     before = trusted_snapshot(device.state)
     agent, _, exc = device.attacked(on_meta("timestamp.json", lambda b: device.stale_timestamp))
@@ -318,3 +323,29 @@ def test_same_version_with_new_content_is_refused(broker_module: Broker, repo: P
         {k: v for k, v in before.items() if not k.startswith("models/")}
     assert agent.model_state("mlp").current.version == "1.0.0"  # type: ignore[union-attr]
     assert not evil.block_offsets()  # refused before a single block was fetched
+
+
+def test_a_signed_bundle_with_a_wrong_gzip_crc_is_staged_and_installed_alike(
+        broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str, Path], release_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device skips the gzip CRC-32 when it verifies a download (every block matched TUF's
+    hash) and when it installs it, so it never stages a bundle that install then refuses. (edgeship
+    publish checks the CRC-32; here another tool published the bundle.)"""
+    import functools
+
+    from agent.bundle import verify_file
+    from agent.install import prepare
+
+    data = bytearray(bundles["1.1.0-big"].read_bytes())
+    data[-8] ^= 0xFF  # the trailer's CRC-32
+    odd = tmp_path / "mlp-1.1.0.edge"
+    odd.write_bytes(bytes(data))
+    d = Device(broker_module, repo, tmp_path / "state")
+    d.bootstrap()
+    monkeypatch.setattr("packager.repo_publish.verify_file", functools.partial(verify_file, gzip_crc=False))
+    publish(repo, odd, now=now())
+    agent, _, exc = d.attacked(None)
+    staged = agent.model_state("mlp").staged
+    assert exc is None and staged is not None and staged.version == "1.1.0"
+    release = prepare(agent.store, staged, trusted_keys=[release_key.trusted()], facts=agent.facts, reserve_bytes=0)
+    assert release.version == "1.1.0" and release.path.is_dir()
