@@ -9,7 +9,7 @@ loops) that depend on the device's Python patch level. Instead a small strict
 reader accepts exactly the subset :func:`write_archive` produces:
 
 * one gzip member (deflate; no reserved header flags; optional header fields
-  read and skipped, 4 KiB of header at most), nothing after it; the trailer's
+  read, 4 KiB of header at most), nothing after it; the trailer's
   length always checked, its CRC-32 unless the caller checked every byte against
   a signed hash already; every compressed and decompressed byte is counted as it
   streams, so a bomb is stopped at the limit, not after;

@@ -37,12 +37,17 @@ _GZIP_HEADER = 10
 """edgeship bundles carry the bare 10-byte gzip header (no optional fields)."""
 
 
-def _client(name: str) -> Any:
+IN_FLIGHT = 64
+"""paho's QoS 1 window: agent.mqtt.MAX_INFLIGHT, which this file does not import (no edgeship code)."""
+
+
+def paho_client(name: str) -> Any:
+    """A plain paho client (MQTT 3.1.1, a window of ``IN_FLIGHT``): the floor's, and the raw stream's."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=MQTTProtocolVersion.MQTTv311)
-    c.max_inflight_messages_set(64)
+    c.max_inflight_messages_set(IN_FLIGHT)
     c.max_queued_messages_set(0)
     return c
 
@@ -61,7 +66,7 @@ def _connect(client: Any, host: str, port: int, topic: str) -> None:
 def serve(host: str, port: int, bundle: Path) -> None:
     """Answer requests until stdin closes."""
     fd = os.open(bundle, os.O_RDONLY)
-    c = _client("bench-floor-server")
+    c = paho_client("bench-floor-server")
 
     def on_message(cl: Any, _u: Any, msg: Any) -> None:
         offset, length = map(int, msg.payload.split(b","))
@@ -157,7 +162,7 @@ def download(host: str, port: int, size: int, part: Path, *, in_flight: int, req
     os.ftruncate(fd, size)
     verifier = _Verifier(part, size)
     lock, state = threading.Lock(), {"next": 0}
-    c = _client("bench-floor-device")
+    c = paho_client("bench-floor-device")
 
     def ask() -> None:
         with lock:

@@ -59,12 +59,12 @@ sys.path.insert(0, str(ROOT))
 
 from agent.config import KiB, MiB, UpdateLimits  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
-from agent.mqtt import MAX_INFLIGHT, parse_broker_url  # noqa: E402
+from agent.mqtt import parse_broker_url  # noqa: E402
 from agent.protocol import HINT_TOPIC  # noqa: E402
 from agent.settings import AgentConfig  # noqa: E402
 from packager.repo import BLOCK_SIZE  # noqa: E402
 from bench.rrfloor import download as floor_download  # noqa: E402
-from bench.rrfloor import floor_server, inflated_sha256  # noqa: E402
+from bench.rrfloor import floor_server, inflated_sha256, paho_client  # noqa: E402
 from tests.mosquitto import Broker, start_broker, stop_process  # noqa: E402
 from tests.updatechannel import make_repo  # noqa: E402
 
@@ -72,8 +72,6 @@ MODEL = "bench"
 VERSION = "1.0.0"
 DEVICE = "bench-device"
 RAW_CHUNK = 256 * KiB
-RAW_INFLIGHT = MAX_INFLIGHT
-"""paho's in-flight QoS 1 window for the raw stream: what agent.mqtt.make_client gives aiomqtt."""
 TARGET_RATIO = 0.6
 CACHE_TAG = "r1"
 """Bump when write_model changes, so a cached bundle of the old kind is not reused."""
@@ -129,16 +127,6 @@ def cached_bundle(workdir: Path, size_mib: int) -> tuple[Path, Path]:
 # --- raw paho stream -------------------------------------------------------------------------
 
 
-def _paho_client(name: str) -> Any:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=MQTTProtocolVersion.MQTTv311)
-    c.max_inflight_messages_set(RAW_INFLIGHT)
-    c.max_queued_messages_set(0)
-    return c
-
-
 def _connect(client: Any, broker: Broker) -> None:
     connected = threading.Event()
     client.on_connect = lambda *_a: connected.set()
@@ -163,7 +151,7 @@ def raw_stream(broker: Broker, data: bytes, chunk: int = RAW_CHUNK) -> float:
             got["end"] = time.perf_counter()
             done.set()
 
-    sub, pub = _paho_client("bench-raw-sub"), _paho_client("bench-raw-pub")
+    sub, pub = paho_client("bench-raw-sub"), paho_client("bench-raw-pub")
     subscribed = threading.Event()
     sub.on_message = on_message
     sub.on_subscribe = lambda *_a: subscribed.set()
@@ -193,7 +181,7 @@ def raw_stream(broker: Broker, data: bytes, chunk: int = RAW_CHUNK) -> float:
 def _wait_for_hint(broker: Broker, timeout: float = 20.0) -> None:
     """The server publishes the retained hint once it has subscribed: it is ready."""
     got = threading.Event()
-    c = _paho_client("bench-ready-probe")
+    c = paho_client("bench-ready-probe")
     c.on_message = lambda *_a: got.set()
     try:
         _connect(c, broker)

@@ -30,12 +30,16 @@ def test_bench_imports_and_parses_its_flags(name: str) -> None:
 
 def test_the_transfer_floor_does_all_its_work(tmp_path: Path) -> None:
     """bench/rrfloor.py (the bare request/response row of bench/transfer.py) fetches every byte
-    through a real Mosquitto and inflates it to the right digest, out-of-order replies included."""
+    through a real Mosquitto and inflates it to the right digest (a wrong one fails it), with the
+    paho window the agent's own client gets."""
     import gzip
     import os
 
-    from bench.rrfloor import download, floor_server, inflated_sha256
+    from agent.mqtt import MAX_INFLIGHT
+    from bench.rrfloor import IN_FLIGHT, download, floor_server, inflated_sha256
     from tests.mosquitto import start_broker
+
+    assert IN_FLIGHT == MAX_INFLIGHT
 
     bundle = tmp_path / "b.edge"
     bundle.write_bytes(gzip.compress(os.urandom(3 * 1024 * 1024 + 1234), mtime=0))
