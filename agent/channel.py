@@ -69,7 +69,7 @@ class Channel:
     def new_id() -> str:
         return secrets.token_hex(12)
 
-    def deliver(self, payload: bytes) -> None:
+    def deliver(self, payload: bytes | memoryview) -> None:
         """Feed one message that arrived on this device's reply topic."""
         self.stats.bytes_in += len(payload)
         try:

@@ -207,8 +207,7 @@ class Agent:
         # as paho reads them (agent.mqtt.device_channel); hints still arrive through _read.
         channel = device_channel(client, self.config.device_id, max_body=MAX_BLOCK, on_link_lost=lost.set)
         self.status.channels.append(channel.stats)
-        await client.subscribe(resp_topic(self.config.device_id), qos=1)
-        await client.subscribe(HINT_TOPIC, qos=1)
+        await client.subscribe([(resp_topic(self.config.device_id), 1), (HINT_TOPIC, 1)])  # one round trip
         return channel
 
     async def _session(self, client: Any, stop: asyncio.Event) -> None:

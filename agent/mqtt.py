@@ -15,6 +15,7 @@ the rest of the message's handling.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
     from agent.channel import Channel
+
+log = logging.getLogger(__name__)
 
 Protocol = Literal["5", "3.1.1"]
 
@@ -159,11 +162,62 @@ def on_published(client: aiomqtt.Client, listener: Callable[[int], None]) -> Non
     paho_of(client).on_publish = both
 
 
-def route(client: aiomqtt.Client, topic: str, deliver: Callable[[bytes], None]) -> None:
-    """Hand each message on ``topic`` to ``deliver(payload)`` as paho reads it, on the event loop
-    thread, instead of queueing it for ``client.messages``: no Message object, queue hop or task
-    wake-up per message. ``deliver`` must not raise."""
-    paho_of(client).message_callback_add(topic, lambda _c, _u, message: deliver(bytes(message.payload)))
+def route(client: aiomqtt.Client, topic_filter: str, deliver: Callable[[bytes, memoryview | bytes, bool], None]) -> None:
+    """Hand each message matching ``topic_filter`` (a topic, or one ending in ``/+``) to
+    ``deliver(topic, payload, retain)`` as it is read, on the event loop thread, instead of
+    queueing it for ``client.messages``: no Message object, queue hop or task wake-up per message.
+    ``deliver`` must not raise. Messages are read by :class:`agent.mqttread.PacketReader`, which
+    copies each byte once (paho's own reader copies a 256 KiB reply several times) and gives the
+    payload as a memoryview; with a paho it does not know, a topic callback gives paho's bytes.
+    One route per client."""
+    from agent.mqttread import install
+
+    if install(paho_of(client), topic_filter, deliver) is not None:
+        return
+
+    def callback(_c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic.encode()
+        except UnicodeDecodeError:
+            log.debug("dropping a message whose topic is not UTF-8")
+            return
+        deliver(topic, message.payload, message.retain)
+
+    paho_of(client).message_callback_add(topic_filter, callback)
+
+
+class _Unsliced:
+    """A queued packet that paho's writer slices (``packet[pos:]``, before each ``send``) into a
+    memoryview rather than a copy."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._data = data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, key: slice) -> memoryview:
+        return memoryview(self._data)[key]
+
+
+UNSLICED_MIN = 16 * 1024
+
+
+def unsliced_writes(pc: paho.Client) -> None:
+    """Have paho send large packets without copying them once more: its ``_packet_write`` sends
+    ``packet[pos:]``, a copy of a whole 256 KiB reply for a bytearray. Packets of at least
+    UNSLICED_MIN bytes are queued wrapped so that the slice is a view. Left alone if this paho
+    has no ``_packet_queue`` (pyproject pins paho-mqtt 2.x)."""
+    queue = getattr(pc, "_packet_queue", None)
+    if queue is None:
+        return
+
+    def packet_queue(command: int, packet: bytes | bytearray, mid: int, qos: int, info: Any = None) -> Any:
+        return queue(command, _Unsliced(packet) if len(packet) >= UNSLICED_MIN else packet, mid, qos, info)
+
+    pc._packet_queue = packet_queue  # noqa: SLF001
 
 
 def device_channel(client: aiomqtt.Client, device: str, *, max_body: int, qos: int = 1,
@@ -197,5 +251,5 @@ def device_channel(client: aiomqtt.Client, device: str, *, max_body: int, qos: i
             raise lost(paho.error_string(info.rc))
 
     channel = Channel(device, publish, max_body=max_body, send=send)
-    route(client, resp_topic(device), channel.deliver)
+    route(client, resp_topic(device), lambda _topic, payload, _retain: channel.deliver(payload))
     return channel

@@ -46,7 +46,7 @@ from aiomqtt.exceptions import MqttConnectError
 
 from agent.aio import cancel_and_wait
 from agent.errors import LinkError, UsageError
-from agent.mqtt import BrokerSettings, Protocol, make_client, on_published, paho_of
+from agent.mqtt import BrokerSettings, Protocol, make_client, on_published, paho_of, route, unsliced_writes
 from agent.protocol import (
     HINT_TOPIC,
     REQ_FILTER,
@@ -296,31 +296,32 @@ class _Responder:
 
     def __init__(self, client: aiomqtt.Client, handler: RequestHandler, stats: ServerStats, *, limit: int) -> None:
         self._paho = paho_of(client)
+        unsliced_writes(self._paho)  # a reply is copied into paho's packet once, not twice more
         self._handler = handler
         self._stats = stats
         self._limit = limit
         self._out: set[int] = set()
         """mids of replies published and not yet out."""
         self._waiting: deque[tuple[str, bytes]] = deque()
-        self._paho.message_callback_add(REQ_FILTER, self._on_request)
+        route(client, REQ_FILTER, self._on_request)
         on_published(client, self._on_published)
 
     @property
     def busy(self) -> bool:
         return bool(self._out or self._waiting)
 
-    def _on_request(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_request(self, topic: bytes, body: memoryview | bytes, retain: bool) -> None:
         try:
-            device = device_from_topic(message.topic, "req")
+            device = device_from_topic(topic.decode(), "req")
         except (ProtocolError, UnicodeDecodeError) as e:
             log.debug("dropping a message on a request topic: %s", e)
             self._stats.add("dropped")
             return
-        if message.retain:  # a stale request kept by the broker: its device is not waiting
+        if retain:  # a stale request kept by the broker: its device is not waiting
             log.debug("dropping retained request from %s", device)
             self._stats.add("dropped")
             return
-        payload = bytes(message.payload)  # paho's payload is bytes already: no copy
+        payload = bytes(body)  # a request is small; the handler and the waiting queue take bytes
         if len(self._out) >= self._limit:
             self._waiting.append((device, payload))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from agent.channel import ChannelClosed, RequestTimeout
 from agent.config import UpdateLimits
 from agent.download import DownloadStats, download, part_path, record_path
-from agent.errors import BlockRejected, DownloadTimeout, LimitExceeded, LinkError
+from agent.errors import BlockRejected, DownloadTimeout, LimitExceeded, LinkError, StorageError
 from agent.protocol import MetaRequest, Reply, encode_reply
 from tests.fakeserver import FakeServer, blocked_target
 
@@ -151,6 +152,27 @@ def test_stalled_stream_is_a_link_error_and_resumes_without_refetching(tmp_path:
     refetched = {r.offset for r in healthy.block_requests()}
     assert not refetched & got_before  # no finished block asked for again
     assert len(refetched) == 11 - 5
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this platform")
+def test_the_part_file_holds_its_disk_space_before_the_first_block(tmp_path: Path) -> None:
+    data = payload(64 * 4096)
+    server, target = setup(data, silent_after=0)
+    with pytest.raises(LinkError):
+        run(download(server.attach(), target, tmp_path, FAST))  # type: ignore[arg-type]
+    assert os.stat(part_path(tmp_path, target)).st_blocks * 512 >= len(data)  # type: ignore[arg-type]
+
+
+def test_a_full_disk_fails_the_download_before_any_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    data = payload()
+    server, target = setup(data)
+    with pytest.raises(StorageError, match=f"no space on the device for a {len(data)}-byte download"):
+        run(download(server.attach(), target, tmp_path, FAST))  # type: ignore[arg-type]
+    assert server.block_requests() == []
 
 
 def test_resume_rechecks_blocks_the_record_vouches_for(tmp_path: Path) -> None:

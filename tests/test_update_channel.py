@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
+import agent.mqttread
 from agent.daemon import Agent
+from agent.mqtt import BrokerSettings
 from packager.repo import publish
 from tests.conftest import KeyPair, build
-from tests.mosquitto import Broker, broker, broker_module  # noqa: F401 - fixture
+from tests.mosquitto import Broker, broker, broker_module, make_pki, start_broker  # noqa: F401 - fixture
 from tests.updatechannel import agent_config, make_repo, now, running_agent, running_server, wait_for
 
 
@@ -60,6 +62,45 @@ def test_fresh_device_stages_then_follows_a_newer_release(broker_module: Broker,
     assert steps.count("staged") == 2 and steps.count("installed") == 2 and "error" not in steps
     # the hint woke it: far fewer cycles than a poll would need, and refresh_interval is 30 s
     assert agent.status.cycles <= 4
+
+
+def test_a_device_updates_over_tls_through_the_shipped_acl(tmp_path: Path, repo: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """mqtts:// with per-device certificates and examples/mosquitto/acl.conf: the agent stages
+    the release, and every reply came through agent.mqttread.PacketReader reading the TLS socket
+    (the server's requests do too)."""
+    pki = make_pki(tmp_path / "pki", devices=["device-1"])
+    b = start_broker(tmp_path / "mosquitto", tls=pki, acl=Path(__file__).parent.parent / "examples" / "mosquitto" / "acl.conf")
+    readers: list[agent.mqttread.PacketReader] = []
+    install = agent.mqttread.install
+
+    def spy(client: Any, topic_filter: str, deliver: Any) -> agent.mqttread.PacketReader | None:
+        reader = install(client, topic_filter, deliver)
+        if reader is not None and topic_filter == "edgeship/v1/resp/device-1":  # not the server's
+            readers.append(reader)
+        return reader
+
+    monkeypatch.setattr(agent.mqttread, "install", spy)
+    dev, srv = pki.client("device-1"), pki.client("edgeship-server")
+    url = f"mqtts://{b.host}:{b.port}"
+    cfg = agent_config(url, tmp_path / "state", root_of(repo), device="device-1",
+                       broker={"url": url, "ca": str(pki.ca_cert), "cert": str(dev.cert), "key": str(dev.key)})
+    server_tls = BrokerSettings(host=b.host, port=b.port, tls=True, ca=pki.ca_cert, cert=srv.cert, key=srv.key)
+
+    async def scenario() -> Agent:
+        async with running_server(repo, server_tls):
+            agent = Agent(cfg)
+            await agent.run_once()
+            return agent
+
+    try:
+        agent_ = asyncio.run(scenario())
+    finally:
+        b.stop()
+    assert staged(agent_) == "1.0.0"
+    [channel] = agent_.status.channels  # one connection
+    assert len(readers) == 1 and channel.replies > 0 and channel.malformed == channel.unmatched == 0
+    assert readers[0].delivered == channel.replies
 
 
 def test_run_once_cli_style_and_up_to_date(broker_module: Broker, repo: Path, tmp_path: Path) -> None:

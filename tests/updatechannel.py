@@ -83,9 +83,10 @@ def held_state(state: Path) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def running_server(repo: Path, broker_url: str, *, protocol: str = "auto",
+async def running_server(repo: Path, broker: str | BrokerSettings, *, protocol: str = "auto",
                          limits: ServerLimits = FAST_SERVER) -> AsyncIterator[Server]:
-    server = Server(repo, parse_broker_url(broker_url), protocol=protocol, limits=limits)  # type: ignore[arg-type]
+    settings = parse_broker_url(broker) if isinstance(broker, str) else broker
+    server = Server(repo, settings, protocol=protocol, limits=limits)  # type: ignore[arg-type]
     stop = asyncio.Event()
     ready = asyncio.Event()
     task = asyncio.ensure_future(server.run(stop=stop, ready=ready.set))

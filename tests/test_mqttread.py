@@ -1,0 +1,406 @@
+"""agent.mqttread.PacketReader against paho's own reader: a real paho client reads the same byte
+stream from an in-memory socket (cut into arrivals at random points) once through paho's reader
+and once through PacketReader. Both must deliver the same messages, send the same bytes back
+(PUBACKs) and fail the same way. Also: what a hostile length costs, and what paho the reader
+refuses to sit under. The send side (agent.mqtt.unsliced_writes) likewise: the same bytes as
+paho's own writer, from views instead of copies. End to end through Mosquitto, every device download in the suite reads
+through it (agent.mqtt.route); test_a_download_reads_through_the_packet_reader_over_tls checks
+TLS."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from agent.mqtt import UNSLICED_MIN, unsliced_writes
+from agent.mqttread import PREALLOC_MAX, PacketReader, install
+
+OURS, OTHER = "edgeship/v1/resp/dev-1", "edgeship/v1/hint"
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish(topic: str, payload: bytes, *, qos: int = 1, mid: int = 7, v5: bool = True, props: bytes = b"") -> bytes:
+    body = struct.pack("!H", len(topic)) + topic.encode()
+    if qos:
+        body += struct.pack("!H", mid)
+    if v5:
+        body += varint(len(props)) + props
+    body += payload
+    return bytes([0x30 | qos << 1]) + varint(len(body)) + body
+
+
+def puback(mid: int, reason: int | None = None) -> bytes:
+    if reason is None:
+        return b"\x40\x02" + struct.pack("!H", mid)
+    return b"\x40\x03" + struct.pack("!HB", mid, reason)  # MQTT 5: "no matching subscribers" etc.
+
+
+PINGRESP = b"\xd0\x00"
+
+
+@dataclass
+class FakeSocket:
+    """Bytes arrive in pieces (:meth:`arrive`); ``recv``/``recv_into`` take what has arrived and
+    raise BlockingIOError when nothing has, as a non-blocking socket does."""
+
+    inbox: bytearray = field(default_factory=bytearray)
+    sent: bytearray = field(default_factory=bytearray)
+    eof: bool = False
+    closed: bool = False
+
+    def arrive(self, data: bytes) -> None:
+        self.inbox += data
+
+    def _take(self, n: int) -> bytes:
+        if not self.inbox:
+            if self.eof:
+                return b""
+            raise BlockingIOError
+        data = bytes(self.inbox[:n])
+        del self.inbox[:n]
+        return data
+
+    def recv(self, n: int) -> bytes:
+        return self._take(n)
+
+    def recv_into(self, view: memoryview) -> int:
+        data = self._take(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def send(self, data: Any) -> int:
+        self.sent += bytes(data)
+        return len(data)
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+
+@dataclass
+class Run:
+    ours: list[bytes] = field(default_factory=list)
+    routed: list[tuple[str, bytes, bool]] = field(default_factory=list)
+    others: list[tuple[str, bytes, int]] = field(default_factory=list)
+    published: list[tuple[int, int]] = field(default_factory=list)
+    """(mid, reason code) of each on_publish: PUBACKs of this client's own QoS 1 publishes."""
+    disconnects: int = 0
+
+
+def client_on(sock: FakeSocket, *, fast: bool, v5: bool = True, topic_filter: str = OURS,
+              outstanding: int = 0) -> tuple[paho.Client, Run, PacketReader | None]:
+    """A paho client "connected" to ``sock``, with ``outstanding`` QoS 1 publishes (mids 1..n)
+    awaiting their PUBACK; messages on ``topic_filter`` go to run.ours (OURS) or run.routed."""
+    protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=protocol)
+    client._sock = sock  # as if connected  # noqa: SLF001
+    client._state = paho._ConnectionState.MQTT_CS_CONNECTED  # noqa: SLF001
+    run = Run()
+    client.on_message = lambda _c, _u, m: run.others.append((m.topic, bytes(m.payload), m.qos))
+    client.on_publish = lambda _c, _u, mid, rc, _p: run.published.append((mid, rc.value))
+
+    def disconnected(*_a: Any) -> None:
+        run.disconnects += 1
+
+    client.on_disconnect = disconnected
+    for _ in range(outstanding):
+        client.publish("edgeship/v1/req/dev-1", b"request", qos=1)
+    sock.sent.clear()
+    del run.published[:]
+
+    def got(topic: bytes, payload: Any, retain: bool) -> None:
+        if topic_filter == OURS:
+            run.ours.append(bytes(payload))
+        else:
+            run.routed.append((topic.decode(), bytes(payload), retain))
+
+    reader = None
+    if fast:
+        reader = install(client, topic_filter, got)
+        assert reader is not None
+    else:
+        client.message_callback_add(topic_filter, lambda _c, _u, m: got(m.topic.encode(), m.payload, m.retain))
+    return client, run, reader
+
+
+def feed(client: paho.Client, sock: FakeSocket, pieces: list[bytes]) -> list[int]:
+    """Each piece arrives, then the client reads while the socket has data (level-triggered
+    readiness, as aiomqtt's add_reader gives): a reader that keeps whole packets buffered with
+    the socket empty would never be called for them."""
+    codes = []
+    for piece in pieces:
+        sock.arrive(piece)
+        while sock.inbox and client._sock is sock:  # noqa: SLF001
+            codes.append(int(client.loop_read()))
+    return codes
+
+
+def cut(stream: bytes, points: list[int]) -> list[bytes]:
+    points = sorted({p for p in points if 0 < p < len(stream)})
+    return [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+
+
+def both(stream: bytes, points: list[int], *, v5: bool = True, topic_filter: str = OURS,
+         outstanding: int = 0) -> tuple[Run, Run, bytes, bytes]:
+    results = []
+    for fast in (False, True):
+        sock = FakeSocket()
+        client, run, _ = client_on(sock, fast=fast, v5=v5, topic_filter=topic_filter, outstanding=outstanding)
+        feed(client, sock, cut(stream, points))
+        results.append((run, bytes(sock.sent)))
+    (slow, slow_sent), (fast_run, fast_sent) = results
+    return slow, fast_run, slow_sent, fast_sent
+
+
+packet_kinds = st.one_of(
+    st.tuples(st.just("ours"), st.binary(max_size=3000), st.sampled_from([0, 1]), st.integers(1, 65535)),
+    st.tuples(st.just("other"), st.binary(max_size=300), st.sampled_from([0, 1]), st.integers(1, 65535)),
+    st.tuples(st.just("puback"), st.just(b""), st.just(1), st.integers(1, 12)),  # 1-8 are outstanding
+    st.tuples(st.just("puback-rc"), st.just(b""), st.just(1), st.integers(1, 12)),
+    st.tuples(st.just("ping"), st.just(b""), st.just(0), st.just(0)),
+)
+
+
+def build(packets: list[tuple[str, bytes, int, int]], *, v5: bool) -> bytes:
+    out = bytearray()
+    for kind, payload, qos, mid in packets:
+        if kind == "ours":
+            out += publish(OURS, payload, qos=qos, mid=mid, v5=v5, props=b"\x01\x01" if v5 and mid % 2 else b"")
+        elif kind == "other":
+            out += publish(OTHER, payload, qos=qos, mid=mid, v5=v5)
+        elif kind == "puback":
+            out += puback(mid)
+        elif kind == "puback-rc":
+            out += puback(mid, 0x10) if v5 else puback(mid)
+        else:
+            out += PINGRESP
+    return bytes(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(packets=st.lists(packet_kinds, max_size=12), points=st.lists(st.integers(0, 40000), max_size=30),
+       v5=st.booleans())
+def test_the_reader_agrees_with_paho_on_any_stream_cut_anywhere(
+        packets: list[tuple[str, bytes, int, int]], points: list[int], v5: bool) -> None:
+    stream = build(packets, v5=v5)
+    slow, fast, slow_sent, fast_sent = both(stream, points, v5=v5, outstanding=8)
+    assert fast.ours == slow.ours == [p for k, p, _, _ in packets if k == "ours"]
+    assert fast.others == slow.others
+    assert fast_sent == slow_sent  # the same PUBACKs, in the same order
+    assert fast.published == slow.published  # the same publishes acknowledged, the same reason codes
+    assert fast.disconnects == slow.disconnects == 0
+
+
+REQUESTS = "edgeship/v1/req/+"
+
+
+@settings(max_examples=100, deadline=None)
+@given(points=st.lists(st.integers(0, 2000), max_size=20), v5=st.booleans())
+def test_a_single_level_wildcard_routes_as_paho_matches_it(points: list[int], v5: bool) -> None:
+    """The server's route: every request topic, with its topic and retain flag; a deeper topic,
+    another prefix or the bare prefix's parent is not routed, and paho gets it instead."""
+    stream = b"".join([
+        publish("edgeship/v1/req/device-1", b"a", v5=v5, mid=1),
+        publish("edgeship/v1/req/device-2", b"b", v5=v5, mid=2, qos=0),
+        publish("edgeship/v1/req/", b"empty level", v5=v5, mid=3),
+        publish("edgeship/v1/req/x/y", b"deeper", v5=v5, mid=4),
+        publish("edgeship/v1/reqx/z", b"other prefix", v5=v5, mid=5),
+        publish("edgeship/v1/req", b"parent", v5=v5, mid=6),
+        bytes([0x31]) + publish("edgeship/v1/req/device-3", b"retained", v5=v5, qos=0)[1:],
+    ])
+    slow, fast, slow_sent, fast_sent = both(stream, points, v5=v5, topic_filter=REQUESTS)
+    assert fast.routed == slow.routed == [("edgeship/v1/req/device-1", b"a", False),
+                                          ("edgeship/v1/req/device-2", b"b", False),
+                                          ("edgeship/v1/req/", b"empty level", False),
+                                          ("edgeship/v1/req/device-3", b"retained", True)]
+    assert fast.others == slow.others and len(slow.others) == 3
+    assert fast_sent == slow_sent
+
+
+def test_only_a_trailing_single_level_wildcard_is_taken() -> None:
+    sock = FakeSocket()
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client._sock = sock  # noqa: SLF001
+    for bad in ("a/#", "a/+/b", "+"):
+        with pytest.raises(ValueError, match="only a trailing single-level"):
+            install(client, bad, lambda *_: None)
+
+
+def test_a_byte_at_a_time_and_all_at_once() -> None:
+    payloads = [bytes([i]) * n for i, n in enumerate((0, 1, 127, 128, 16383, 16384, 70000, 300000))]
+    stream = b"".join(publish(OURS, p, mid=i + 1) for i, p in enumerate(payloads)) + publish(OTHER, b"hint")
+    for points in ([], list(range(len(stream)))[:5000] + [len(stream) - 1]):
+        slow, fast, slow_sent, fast_sent = both(stream, points)
+        assert fast.ours == slow.ours == payloads
+        assert fast.others == slow.others == [(OTHER, b"hint", 1)]
+        assert fast_sent == slow_sent == b"".join(b"\x40\x02" + struct.pack("!H", i + 1) for i in range(len(payloads))) + b"\x40\x02\x00\x07"
+
+
+def test_the_delivered_view_outlives_the_next_packet() -> None:
+    """deliver gets a memoryview; each packet has its own buffer, so holding a view past deliver
+    is safe (the download writes it later in the same call, a caller may keep it longer)."""
+    sock = FakeSocket()
+    views: list[memoryview] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client._sock = sock  # noqa: SLF001
+    install(client, OURS, lambda _topic, view, _retain: views.append(view))
+    feed(client, sock, [publish(OURS, b"a" * 20000, mid=1) + publish(OURS, b"b" * 20000, mid=2)])
+    assert [bytes(v) for v in views] == [b"a" * 20000, b"b" * 20000]
+
+
+def test_a_hostile_length_costs_no_more_than_the_preallocation() -> None:
+    """A PUBLISH that claims 200 MiB: the reader holds at most PREALLOC_MAX before the data
+    comes, and past that grows by at most PREALLOC_MAX beyond what arrived (paho's own reader
+    grows with the data)."""
+    sock = FakeSocket()
+    client, run, _ = client_on(sock, fast=True)
+    first = b"\x32" + varint(200 * 1024 * 1024) + b"x" * 100_000
+    more = b"y" * (PREALLOC_MAX + 1000)
+    tracemalloc.start()
+    try:
+        feed(client, sock, [first])
+        held_first, _ = tracemalloc.get_traced_memory()
+        feed(client, sock, [more])
+        held_more, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert run.ours == []
+    slack = 512 * 1024
+    assert PREALLOC_MAX <= held_first < PREALLOC_MAX + slack
+    assert held_more < len(first) + len(more) + PREALLOC_MAX + PREALLOC_MAX // 8 + slack
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["paho", "reader"])
+def test_a_remaining_length_over_four_bytes_drops_the_connection(fast: bool) -> None:
+    sock = FakeSocket()
+    client, run, _ = client_on(sock, fast=fast)
+    feed(client, sock, [publish(OURS, b"fine", mid=1) + b"\x30\xff\xff\xff\xff\x01"])
+    assert run.ours == [b"fine"]
+    assert sock.closed and client._sock is None and run.disconnects == 1  # noqa: SLF001
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["paho", "reader"])
+def test_a_publish_whose_topic_runs_past_its_end_drops_the_connection(fast: bool) -> None:
+    bad = b"\x32\x05\x00\x30abc"  # the topic claims 48 bytes of a 5-byte packet
+    sock = FakeSocket()
+    client, run, _ = client_on(sock, fast=fast)
+    feed(client, sock, [bad + publish(OURS, b"after", mid=2)])
+    assert run.ours == [] and run.others == []
+    assert sock.closed and run.disconnects == 1
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["paho", "reader"])
+def test_the_broker_closing_mid_packet_is_a_lost_connection(fast: bool) -> None:
+    sock = FakeSocket()
+    client, run, _ = client_on(sock, fast=fast)
+    feed(client, sock, [publish(OURS, b"z" * 50000, mid=3)[:30000]])
+    sock.eof = True
+    assert client.loop_read() == paho.MQTT_ERR_CONN_LOST
+    assert run.ours == [] and sock.closed and run.disconnects == 1
+
+
+def test_a_new_connection_starts_clean() -> None:
+    """Half a packet read on one socket must not be completed by the next connection's bytes."""
+    first, second = FakeSocket(), FakeSocket()
+    client, run, _ = client_on(first, fast=True)
+    feed(client, first, [publish(OURS, b"old" * 1000, mid=1)[:1500]])
+    client._sock = second  # paho reconnected  # noqa: SLF001
+    feed(client, second, [publish(OURS, b"new", mid=2)])
+    assert run.ours == [b"new"]
+    assert bytes(second.sent) == puback(2)
+
+
+def test_installed_while_paho_was_mid_packet_paho_finishes_that_packet() -> None:
+    sock = FakeSocket()
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client._sock = sock  # noqa: SLF001
+    got: list[bytes] = []
+    client.message_callback_add(OURS, lambda _c, _u, m: got.append(bytes(m.payload)))
+    stream = publish(OURS, b"first" * 100, mid=1) + publish(OURS, b"second", mid=2)
+    feed(client, sock, [stream[:40]])  # paho's reader holds part of the first packet
+    install(client, OURS, lambda _topic, view, _retain: got.append(bytes(view)))
+    feed(client, sock, [stream[40:]])
+    assert got == [b"first" * 100, b"second"]
+    assert bytes(sock.sent) == puback(1) + puback(2)
+
+
+def test_manual_ack_is_left_to_the_application() -> None:
+    sock = FakeSocket()
+    client, run, _ = client_on(sock, fast=True)
+    client.manual_ack_set(True)
+    feed(client, sock, [publish(OURS, b"p", mid=9)])
+    assert run.ours == [b"p"] and bytes(sock.sent) == b""
+
+
+def test_install_leaves_an_unknown_client_alone() -> None:
+    class NotPaho:
+        def loop_read(self) -> int:
+            return 0
+
+    thing = NotPaho()
+    original = thing.loop_read
+    assert install(thing, OURS, lambda *_: None) is None
+    assert thing.loop_read == original
+
+
+def test_install_leaves_websockets_to_paho() -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, transport="websockets")
+    assert install(client, OURS, lambda *_: None) is None
+
+
+class SlowSocket(FakeSocket):
+    """Takes at most 40,000 bytes per send, and every other send none at all."""
+
+    calls = 0
+    kinds: set[type]
+
+    def send(self, data: Any) -> int:
+        self.calls += 1
+        self.kinds = getattr(self, "kinds", set()) | {type(data)}
+        if self.calls % 2 == 0:
+            raise BlockingIOError
+        data = bytes(data[:40_000])
+        self.sent += data
+        return len(data)
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_unsliced_writes_send_the_same_bytes_from_views(qos: int) -> None:
+    sent = []
+    for unsliced in (False, True):
+        sock = SlowSocket()
+        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        client._sock = sock  # noqa: SLF001
+        client._state = paho._ConnectionState.MQTT_CS_CONNECTED  # noqa: SLF001
+        if unsliced:
+            unsliced_writes(client)
+        client.publish(OURS, b"small", qos=qos)
+        client.publish(OURS, bytes(range(256)) * 1200, qos=qos)  # 300 KiB
+        while client.want_write():
+            client.loop_write()
+        sent.append((bytes(sock.sent), sock.kinds))
+    (plain, plain_kinds), (views, view_kinds) = sent
+    assert views == plain and len(plain) > 300_000
+    assert memoryview not in plain_kinds and memoryview in view_kinds  # paho sent copies; now views
+    assert UNSLICED_MIN > len(b"small") + 64  # small packets go as they are
