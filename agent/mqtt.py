@@ -169,11 +169,12 @@ def route(client: aiomqtt.Client, topic_filter: str, deliver: Callable[[bytes, m
     ``deliver`` must not raise. Messages are read by :class:`agent.mqttread.PacketReader`, which
     copies each byte once (paho's own reader copies a 256 KiB reply several times) and gives the
     payload as a memoryview; with a paho it does not know, a topic callback gives paho's bytes.
-    One route per client."""
+    One route per client. The topic callback is registered in any case: a message the reader
+    leaves to paho (QoS 2, an MQTT 5 topic alias) reaches ``deliver`` through it, not
+    ``client.messages``."""
     from agent.mqttread import install
 
-    if install(paho_of(client), topic_filter, deliver) is not None:
-        return
+    install(paho_of(client), topic_filter, deliver)
 
     def callback(_c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         try:

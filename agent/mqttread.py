@@ -15,7 +15,8 @@ given goes to ``deliver`` as a memoryview of that buffer, and is acknowledged th
 way paho would (its ``_send_puback``); every other packet (CONNACK, SUBACK, PUBACK,
 PINGRESP, DISCONNECT, PUBLISH on other topics or at QoS 2) is handed to paho's own
 handler unchanged, so paho still owns the session: keep-alive, in-flight windows,
-callbacks, aiomqtt's message queue.
+callbacks, aiomqtt's message queue (``agent.mqtt.route`` also registers a topic callback, so a
+message on the topic that paho handles still reaches ``deliver``).
 
 It relies on paho's private reader interface (``_sock``, ``_in_packet``,
 ``_packet_handle``, ``_loop_rc_handle``, ``_send_puback``, ``_msgtime_mutex``,
@@ -46,10 +47,19 @@ _READS_PER_CALL = 8
 
 _PAHO_PRIVATE = ("_sock", "_in_packet", "_packet_handle", "_loop_rc_handle", "_send_puback",
                  "_msgtime_mutex", "_last_bytes_received", "_protocol", "_manual_ack",
-                 "_out_message_mutex", "_out_messages", "_do_on_publish")
+                 "_out_message_mutex", "_out_messages", "_do_on_publish",
+                 "_call_socket_register_write")
 
 AGAIN, SUCCESS, CONN_LOST, PROTOCOL, NO_CONN = -1, 0, 7, 2, 4
 """paho's MQTTErrorCode values used here (checked against paho by :func:`install`)."""
+
+
+class _WouldBlock(Exception):
+    """The socket has nothing to read now."""
+
+
+class _Lost(Exception):
+    """The connection is gone (EOF or a socket error)."""
 
 
 class PacketReader:
@@ -109,10 +119,10 @@ class PacketReader:
         for _ in range(_READS_PER_CALL):
             try:
                 rc = self._read_some(sock)
-            except BlockingIOError:
+            except _WouldBlock:
                 break
-            except OSError as e:
-                log.debug("mqtt read failed: %s", e)
+            except _Lost as e:
+                log.debug("mqtt read failed: %s", e.__cause__ or e)
                 rc = CONN_LOST
             got_data = True
             if rc != SUCCESS or client._sock is not sock:  # noqa: SLF001
@@ -127,20 +137,27 @@ class PacketReader:
     # --- reading ---------------------------------------------------------------
 
     def _recv_into(self, sock: Any, view: memoryview) -> int:
+        """``sock.recv_into(view)``; :class:`_WouldBlock` or :class:`_Lost` instead of the socket's
+        exceptions, so that ``loop_read`` tells them from exceptions raised by handlers."""
         try:
             n = int(sock.recv_into(view))
-        except ssl.SSLWantReadError:
-            raise BlockingIOError from None
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            raise _WouldBlock from None
         except ssl.SSLWantWriteError:
             self._client._call_socket_register_write()  # noqa: SLF001
-            raise BlockingIOError from None
+            raise _WouldBlock from None
+        except OSError as e:
+            raise _Lost(str(e)) from e
         if n == 0:
-            raise ConnectionResetError("the broker closed the connection")
+            raise _Lost("the broker closed the connection")
         return n
 
     def _read_some(self, sock: Any) -> int:
-        """One ``recv`` (BlockingIOError when there is nothing), then every packet it completed
-        handled; returns paho's code for the first failure, else SUCCESS."""
+        """One ``recv`` (:class:`_WouldBlock` when there is nothing), then every packet it
+        completed handled; returns paho's code for the first failure, else SUCCESS. Bytes left
+        in scratch by a handler that raised are handled first, without reading."""
+        if self._have:
+            return self._consume_scratch()
         if self._length >= 0 and self._need() >= _SCRATCH and self._have == 0:
             # In the body of a large packet: read straight into it.
             assert self._packet is not None
@@ -156,6 +173,11 @@ class PacketReader:
         return self._length - self._filled
 
     def _consume_scratch(self) -> int:
+        """Handle every packet completed by the bytes in scratch. If a handler raises, the rest
+        are still handled (as they would be by paho, which reads one packet per ``recv``, on its
+        next call; here nothing more may arrive to call this again), then the first exception
+        is raised."""
+        raised: BaseException | None = None
         scratch = self._scratch
         while self._have:
             if self._length < 0:
@@ -173,25 +195,29 @@ class PacketReader:
                 self._length = _varint(self._header, 1)
                 self._packet = bytearray(min(self._length, PREALLOC_MAX))
                 self._filled = 0
+            else:
+                assert self._packet is not None
+                take = min(self._have, self._need())
+                if len(self._packet) < self._filled + take:
+                    self._packet.extend(bytes(self._filled + take - len(self._packet)))
+                self._packet[self._filled:self._filled + take] = scratch[self._pos:self._pos + take]
+                self._filled += take
+                self._pos += take
+                self._have -= take
+            try:
                 rc = self._finish_if_complete()
-                if rc != SUCCESS:
-                    return rc
-                if self._client._sock is not self._sock:  # noqa: SLF001  (a handler closed it)
-                    return SUCCESS
-                continue
-            assert self._packet is not None
-            take = min(self._have, self._need())
-            if len(self._packet) < self._filled + take:
-                self._packet.extend(bytes(self._filled + take - len(self._packet)))
-            self._packet[self._filled:self._filled + take] = scratch[self._pos:self._pos + take]
-            self._filled += take
-            self._pos += take
-            self._have -= take
-            rc = self._finish_if_complete()
+            except Exception as e:  # noqa: BLE001  (raised below, once the scratch is consumed)
+                raised = raised or e
+                rc = SUCCESS
             if rc != SUCCESS:
+                if raised is not None:
+                    log.error("mqtt packet handler failed before the connection was dropped: %r", raised)
                 return rc
             if self._client._sock is not self._sock:  # noqa: SLF001  (a handler closed it)
-                return SUCCESS
+                self._have = 0
+                break
+        if raised is not None:
+            raise raised
         return SUCCESS
 
     def _finish_if_complete(self) -> int:

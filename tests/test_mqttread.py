@@ -404,3 +404,72 @@ def test_unsliced_writes_send_the_same_bytes_from_views(qos: int) -> None:
     assert views == plain and len(plain) > 300_000
     assert memoryview not in plain_kinds and memoryview in view_kinds  # paho sent copies; now views
     assert UNSLICED_MIN > len(b"small") + 64  # small packets go as they are
+
+
+class HandlerFailed(Exception):
+    pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(points=st.lists(st.integers(0, 140_000), max_size=25),
+       error=st.sampled_from([HandlerFailed, OSError]))
+def test_a_handler_that_raises_loses_no_packet_after_it(points: list[int], error: type[Exception]) -> None:
+    """deliver raising (a bug, or an OSError from a disk write) surfaces from loop_read, and
+    every packet is still delivered exactly once, in order: the bytes read past the failing
+    packet are handled in the same call, not left for a read that may never come. An OSError
+    from a handler is the handler's, not a lost connection. (paho's own reader, given a raising
+    callback, hands the same packet to it again on its next call, so this is not differential.)"""
+    payloads = [b"ok-1", b"boom-2", b"ok-3" * 10_000, b"boom-4" * 20_000, b"ok-5", b"boom-6", b"ok-7"]
+    stream = b"".join(publish(OURS, p, mid=i + 1) for i, p in enumerate(payloads)) + publish(OTHER, b"hint", mid=99)
+    sock = FakeSocket()
+    client, run, _ = client_on(sock, fast=True)
+    got: list[bytes] = []
+
+    def deliver(_topic: bytes, payload: memoryview, _retain: bool) -> None:
+        got.append(bytes(payload))
+        if got[-1].startswith(b"boom"):
+            raise error("the handler failed")
+
+    install(client, OURS, deliver)
+    raised = 0
+    for piece in cut(stream, points):
+        sock.arrive(piece)
+        while sock.inbox and client._sock is sock:  # noqa: SLF001
+            try:
+                client.loop_read()
+            except error:
+                raised += 1
+    assert got == payloads
+    assert 1 <= raised <= 3
+    assert bytes(sock.sent) == puback(1) + puback(3) + puback(5) + puback(7) + puback(99)  # no ack for a failed one
+    assert run.others == [(OTHER, b"hint", 1)]
+    assert not sock.closed and run.disconnects == 0
+
+
+def test_route_hands_what_the_reader_leaves_to_paho_to_deliver_not_the_message_queue() -> None:
+    """A QoS 2 message (or an MQTT 5 topic alias) on the routed topic goes through paho; route's
+    topic callback still gives it to deliver, and nothing reaches aiomqtt's message queue."""
+    import asyncio
+
+    import aiomqtt
+
+    from agent.mqtt import paho_of, route
+
+    async def run() -> tuple[list[tuple[bytes, bytes]], int, bytes]:
+        client = aiomqtt.Client("127.0.0.1", protocol=aiomqtt.ProtocolVersion.V5)
+        inner = paho_of(client)
+        sock = FakeSocket()
+        inner._sock = sock  # noqa: SLF001
+        inner._state = paho._ConnectionState.MQTT_CS_CONNECTED  # noqa: SLF001
+        inner.on_socket_register_write = inner.on_socket_unregister_write = None  # no real fd
+        got: list[tuple[bytes, bytes]] = []
+        route(client, OURS, lambda topic, payload, _retain: got.append((topic, bytes(payload))))
+        qos2 = publish(OURS, b"exactly once", qos=2, mid=5)
+        pubrel = b"\x62\x02\x00\x05"
+        feed(inner, sock, [publish(OURS, b"qos1", mid=4), qos2, pubrel])
+        return got, client.messages.__len__(), bytes(sock.sent)
+
+    got, queued, sent = asyncio.run(run())
+    assert got == [(OURS.encode(), b"qos1"), (OURS.encode(), b"exactly once")]
+    assert queued == 0
+    assert sent.startswith(puback(4) + b"\x50")  # then PUBREC for the QoS 2 one
