@@ -204,21 +204,51 @@ class _Unsliced:
 
 
 UNSLICED_MIN = 16 * 1024
+JOIN_MAX = UNSLICED_MIN
+"""Small packets queued one after another are sent together up to this many bytes."""
+_NO_JOIN_KINDS = frozenset({0x10, 0xE0})  # CONNECT, DISCONNECT: paho acts on them once written
 
 
-def unsliced_writes(pc: paho.Client) -> None:
-    """Have paho send large packets without copying them once more: its ``_packet_write`` sends
-    ``packet[pos:]``, a copy of a whole 256 KiB reply for a bytearray. Packets of at least
-    UNSLICED_MIN bytes are queued wrapped so that the slice is a view. Left alone if this paho
-    has no ``_packet_queue`` (pyproject pins paho-mqtt 2.x)."""
+def _joinable(command: int, qos: int) -> bool:
+    """May this queued packet share a ``send`` with others? paho acts on a packet once it is
+    written only for CONNECT, DISCONNECT and a QoS 0 PUBLISH (its on_publish)."""
+    kind = command & 0xF0
+    return kind not in _NO_JOIN_KINDS and not (kind == 0x30 and qos == 0)
+
+
+def lean_writes(pc: paho.Client) -> None:
+    """Have paho send with fewer copies and system calls. Its ``_packet_write`` sends each queued
+    packet with its own ``send`` of ``packet[pos:]``, a copy of a whole 256 KiB reply for a
+    bytearray. Packets of at least UNSLICED_MIN bytes are queued wrapped so that the slice is a
+    view; a small packet queued behind another small one that has not started to go out is
+    appended to it (up to JOIN_MAX bytes), so a PUBACK and the next request, or the PUBACKs of a
+    burst of requests, leave in one ``send``. The client must queue packets from one thread (an
+    aiomqtt client's are all on its event loop). Left alone if this paho has no ``_packet_queue``
+    or ``_out_packet`` (pyproject pins paho-mqtt 2.x)."""
     queue = getattr(pc, "_packet_queue", None)
-    if queue is None:
+    if queue is None or not hasattr(pc, "_out_packet") or getattr(pc, "_edgeship_writes", False):
         return
+    from paho.mqtt.enums import MQTTErrorCode
 
     def packet_queue(command: int, packet: bytes | bytearray, mid: int, qos: int, info: Any = None) -> Any:
-        return queue(command, _Unsliced(packet) if len(packet) >= UNSLICED_MIN else packet, mid, qos, info)
+        n = len(packet)
+        if n >= UNSLICED_MIN:
+            return queue(command, _Unsliced(packet), mid, qos, info)
+        out = pc._out_packet  # noqa: SLF001  (a new deque on each reconnect)
+        if out and _joinable(command, qos):
+            last = out[-1]
+            if last["pos"] == 0 and last["to_process"] + n <= JOIN_MAX and _joinable(last["command"], last["qos"]) \
+                    and not isinstance(last["packet"], _Unsliced):
+                buf = last.get("joined")
+                if buf is None:  # a buffer of our own, not the one paho built
+                    buf = last["joined"] = last["packet"] = bytearray(last["packet"])  # type: ignore[typeddict-unknown-key]
+                buf += packet
+                last["to_process"] += n
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return queue(command, packet, mid, qos, info)
 
     pc._packet_queue = packet_queue  # noqa: SLF001
+    pc._edgeship_writes = True  # noqa: SLF001
 
 
 def device_channel(client: aiomqtt.Client, device: str, *, max_body: int, qos: int = 1,
@@ -252,5 +282,6 @@ def device_channel(client: aiomqtt.Client, device: str, *, max_body: int, qos: i
             raise lost(paho.error_string(info.rc))
 
     channel = Channel(device, publish, max_body=max_body, send=send)
+    lean_writes(paho_of(client))
     route(client, resp_topic(device), lambda _topic, payload, _retain: channel.deliver(payload))
     return channel

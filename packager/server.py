@@ -46,7 +46,7 @@ from aiomqtt.exceptions import MqttConnectError
 
 from agent.aio import cancel_and_wait
 from agent.errors import LinkError, UsageError
-from agent.mqtt import BrokerSettings, Protocol, make_client, on_published, paho_of, route, unsliced_writes
+from agent.mqtt import BrokerSettings, Protocol, lean_writes, make_client, on_published, paho_of, route
 from agent.protocol import (
     HINT_TOPIC,
     REQ_FILTER,
@@ -296,7 +296,7 @@ class _Responder:
 
     def __init__(self, client: aiomqtt.Client, handler: RequestHandler, stats: ServerStats, *, limit: int) -> None:
         self._paho = paho_of(client)
-        unsliced_writes(self._paho)  # a reply is copied into paho's packet once, not twice more
+        lean_writes(self._paho)  # a reply is copied into paho's packet once, not twice more; PUBACKs share sends
         self._handler = handler
         self._stats = stats
         self._limit = limit
