@@ -206,12 +206,13 @@ class _Unsliced:
 UNSLICED_MIN = 16 * 1024
 JOIN_MAX = UNSLICED_MIN
 """Small packets queued one after another are sent together up to this many bytes."""
-_NO_JOIN_KINDS = frozenset({0x10, 0xE0})  # CONNECT, DISCONNECT: paho acts on them once written
+_NO_JOIN_KINDS = frozenset({0x10, 0xE0})
+"""CONNECT (kept alone: it opens the session) and DISCONNECT (paho closes the socket once it is written)."""
 
 
 def _joinable(command: int, qos: int) -> bool:
-    """May this queued packet share a ``send`` with others? paho acts on a packet once it is
-    written only for CONNECT, DISCONNECT and a QoS 0 PUBLISH (its on_publish)."""
+    """May this queued packet share a ``send`` with others? Not CONNECT, DISCONNECT or a QoS 0
+    PUBLISH (paho calls on_publish once that is written)."""
     kind = command & 0xF0
     return kind not in _NO_JOIN_KINDS and not (kind == 0x30 and qos == 0)
 
@@ -220,13 +221,16 @@ def lean_writes(pc: paho.Client) -> None:
     """Have paho send with fewer copies and system calls. Its ``_packet_write`` sends each queued
     packet with its own ``send`` of ``packet[pos:]``, a copy of a whole 256 KiB reply for a
     bytearray. Packets of at least UNSLICED_MIN bytes are queued wrapped so that the slice is a
-    view; a small packet queued behind another small one that has not started to go out is
-    appended to it (up to JOIN_MAX bytes), so a PUBACK and the next request, or the PUBACKs of a
-    burst of requests, leave in one ``send``. The client must queue packets from one thread (an
-    aiomqtt client's are all on its event loop). Left alone if this paho has no ``_packet_queue``
-    or ``_out_packet`` (pyproject pins paho-mqtt 2.x)."""
+    view. When an event loop drives the client (aiomqtt: a write callback, no paho thread, so every
+    packet is queued and written on the loop's thread), a small packet queued behind another small
+    one that has not started to go out is appended to it (up to JOIN_MAX bytes), so a PUBACK and
+    the next request, or the PUBACKs of a burst of requests, leave in one ``send``; under paho's
+    own loop thread, ``loop()`` or no loop, packets are queued as paho queues them (its writer
+    thread would race the append). Left alone if this paho lacks the private attributes used
+    (pyproject pins paho-mqtt 2.x)."""
     queue = getattr(pc, "_packet_queue", None)
-    if queue is None or not hasattr(pc, "_out_packet") or getattr(pc, "_edgeship_writes", False):
+    private = ("_out_packet", "_thread", "_sockpairW", "_on_socket_register_write")
+    if queue is None or not all(hasattr(pc, name) for name in private) or getattr(pc, "_edgeship_writes", False):
         return
     from paho.mqtt.enums import MQTTErrorCode
 
@@ -234,17 +238,17 @@ def lean_writes(pc: paho.Client) -> None:
         n = len(packet)
         if n >= UNSLICED_MIN:
             return queue(command, _Unsliced(packet), mid, qos, info)
-        out = pc._out_packet  # noqa: SLF001  (a new deque on each reconnect)
-        if out and _joinable(command, qos):
+        out = pc._out_packet  # noqa: SLF001
+        if out and _joinable(command, qos) and pc._thread is None and pc._sockpairW is None \
+                and pc._on_socket_register_write is not None:  # noqa: SLF001  (an event loop writes)
             last = out[-1]
-            if last["pos"] == 0 and last["to_process"] + n <= JOIN_MAX and _joinable(last["command"], last["qos"]) \
-                    and not isinstance(last["packet"], _Unsliced):
+            if last["pos"] == 0 and last["to_process"] + n <= JOIN_MAX and _joinable(last["command"], last["qos"]):
                 buf = last.get("joined")
                 if buf is None:  # a buffer of our own, not the one paho built
                     buf = last["joined"] = last["packet"] = bytearray(last["packet"])  # type: ignore[typeddict-unknown-key]
                 buf += packet
                 last["to_process"] += n
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
+                return MQTTErrorCode.MQTT_ERR_SUCCESS  # the writer is registered: the queue was not empty
         return queue(command, packet, mid, qos, info)
 
     pc._packet_queue = packet_queue  # noqa: SLF001

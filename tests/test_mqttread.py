@@ -9,8 +9,8 @@ TLS."""
 
 from __future__ import annotations
 
-import collections
 import struct
+import threading
 import tracemalloc
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.mqtt import UNSLICED_MIN, lean_writes
+from agent.mqtt import JOIN_MAX, UNSLICED_MIN, lean_writes
 from agent.mqttread import PREALLOC_MAX, PacketReader, install
 
 OURS, OTHER = "edgeship/v1/resp/dev-1", "edgeship/v1/hint"
@@ -386,12 +386,12 @@ class SlowSocket(FakeSocket):
         return len(data)
 
 
-def writing_client(sock: FakeSocket, lean: bool) -> tuple[paho.Client, list[int]]:
+def writing_client(sock: FakeSocket, lean: bool, *, event_loop: bool = True) -> tuple[paho.Client, list[int]]:
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     client._sock = sock  # noqa: SLF001
     client._state = paho._ConnectionState.MQTT_CS_CONNECTED  # noqa: SLF001
-    # Writes wait for the event loop (as under aiomqtt), not done at once inside each publish.
-    client.on_socket_register_write = client.on_socket_unregister_write = lambda *_: None
+    if event_loop:  # writes wait for the event loop (as under aiomqtt), not done inside each publish
+        client.on_socket_register_write = client.on_socket_unregister_write = lambda *_: None
     written: list[int] = []  # on_publish: a QoS 0 publish written out
     client.on_publish = lambda _c, _u, mid, _rc, _p: written.append(mid)
     if lean:
@@ -420,37 +420,63 @@ def test_lean_writes_send_the_same_bytes_from_views(qos: int) -> None:
     assert UNSLICED_MIN > len(b"small") + 64  # small packets go as they are
 
 
+class BudgetSocket(FakeSocket):
+    """Each send takes at most the next budget's bytes (cycling); a budget of 0 refuses the call."""
+
+    def __init__(self, budgets: list[int]) -> None:
+        super().__init__()
+        self.budgets = budgets or [1 << 30]
+        self.calls = 0
+
+    def send(self, data: Any) -> int:
+        budget = self.budgets[self.calls % len(self.budgets)]
+        self.calls += 1
+        if budget == 0:
+            raise BlockingIOError
+        return super().send(bytes(data[:budget]))
+
+
 write_ops = st.lists(st.one_of(
     st.tuples(st.just("publish"), st.sampled_from([0, 5, 300, 9000, 20_000, 70_000]), st.sampled_from([0, 1])),
     st.tuples(st.just("puback"), st.integers(1, 65535), st.just(0)),
+    st.tuples(st.just("ping"), st.just(0), st.just(0)),
     st.tuples(st.just("write"), st.just(0), st.just(0)),
 ), max_size=40)
 
 
 @settings(max_examples=200, deadline=None)
-@given(ops=write_ops, slow=st.booleans())
-def test_lean_writes_send_the_same_stream_in_fewer_sends(ops: list[tuple[str, int, int]], slow: bool) -> None:
-    """Any mix of publishes (QoS 0 and 1, small and large), PUBACKs and writes, through a socket
-    that takes everything or one that takes 40,000 bytes at a time and refuses every other call:
-    the same bytes leave, in the same order, the same QoS 0 publishes are reported written, in
-    no more sends than paho's own writer makes."""
+@given(ops=write_ops, budgets=st.lists(st.integers(0, 50_000), max_size=6).filter(lambda b: not b or any(b)),
+       disconnect=st.booleans())
+def test_lean_writes_send_the_same_stream_in_fewer_sends(ops: list[tuple[str, int, int]], budgets: list[int],
+                                                         disconnect: bool) -> None:
+    """Any mix of publishes (QoS 0 and 1, small and large), PUBACKs, PINGREQs and writes, then
+    perhaps a DISCONNECT, through a socket that takes a few bytes or a lot per call and refuses
+    some calls: the same bytes leave in the same order, the same QoS 0 publishes are reported
+    written, the DISCONNECT closes the socket as it does under paho's own writer, in no more sends."""
     results = []
     for lean in (False, True):
-        sock: FakeSocket = SlowSocket() if slow else CountingSocket()
+        sock = BudgetSocket(budgets)
         client, written = writing_client(sock, lean)
+        disconnects: list[int] = []
+        client.on_disconnect = lambda *_a: disconnects.append(1)
         for op, size, qos in ops:
             if op == "publish":
                 client.publish(OURS, bytes([size % 251]) * size, qos=qos)
             elif op == "puback":
                 client._send_puback(size)  # noqa: SLF001
+            elif op == "ping":
+                client._send_pingreq()  # noqa: SLF001
             else:
                 client.loop_write()
+        if disconnect:
+            client.disconnect()
         drain(client)
-        results.append((bytes(sock.sent), written, sock.calls))
-    (plain, plain_written, plain_sends), (lean_sent, lean_written, lean_sends) = results
+        results.append((bytes(sock.sent), written, sock.calls, sock.closed, disconnects))
+    (plain, plain_written, plain_sends, plain_closed, plain_dis), (lean_sent, lean_written, lean_sends, lean_closed, lean_dis) = results
     assert lean_sent == plain
     assert lean_written == plain_written
     assert lean_sends <= plain_sends
+    assert lean_closed == plain_closed == disconnect and lean_dis == plain_dis
 
 
 class CountingSocket(FakeSocket):
@@ -462,36 +488,68 @@ class CountingSocket(FakeSocket):
 
 
 def test_a_puback_and_the_next_request_leave_in_one_send() -> None:
-    """What the device does for each reply: acknowledge it and ask for the next block. Also
-    after a reconnect, when paho starts a new queue."""
-    for reconnect in (False, True):
+    """What the device does for each reply: acknowledge it and ask for the next block."""
+    sent = []
+    for lean in (False, True):
         sock = CountingSocket()
-        client, _ = writing_client(sock, lean=True)
-        if reconnect:
-            client._out_packet = collections.deque()  # noqa: SLF001  (as paho's reconnect does)
+        client, _ = writing_client(sock, lean=lean)
         client._send_puback(41)  # noqa: SLF001
         client.publish("edgeship/v1/req/dev-1", b'{"v":1}', qos=1)
         client._send_puback(42)  # noqa: SLF001
         drain(client)
-        assert sock.calls == 1
-        assert bytes(sock.sent).startswith(puback(41)) and bytes(sock.sent).endswith(puback(42))
+        sent.append((bytes(sock.sent), sock.calls))
+    (plain, plain_sends), (lean_sent, lean_sends) = sent
+    assert lean_sent == plain and plain_sends == 3 and lean_sends == 1
 
 
-def test_qos0_publishes_and_a_packet_partly_sent_are_not_joined() -> None:
+def test_joined_packets_stay_under_join_max() -> None:
+    sock = CountingSocket()
+    client, _ = writing_client(sock, lean=True)
+    for mid in range(1, 6001):  # 24,000 bytes of PUBACKs
+        client._send_puback(mid)  # noqa: SLF001
+    queued = [p["to_process"] for p in client._out_packet]  # noqa: SLF001
+    assert len(queued) == 2 and max(queued) <= JOIN_MAX and sum(queued) == 24_000
+    drain(client)
+    assert bytes(sock.sent) == b"".join(puback(mid) for mid in range(1, 6001))
+
+
+def test_qos0_publishes_connect_disconnect_and_a_packet_partly_sent_are_not_joined() -> None:
     sock = SlowSocket()
     client, written = writing_client(sock, lean=True)
     client.publish(OURS, b"a", qos=0)
     client.publish(OURS, b"b", qos=0)
     client._send_puback(3)  # noqa: SLF001
-    assert len(client._out_packet) == 3  # noqa: SLF001
+    client.disconnect()
+    assert [p["command"] & 0xF0 for p in client._out_packet] == [0x30, 0x30, 0x40, 0xE0]  # noqa: SLF001
     drain(client)
-    assert written == [1, 2]
+    assert written == [1, 2] and sock.closed
     sock = SlowSocket()
     client, _ = writing_client(sock, lean=True)
     client.publish(OURS, b"x" * 15_000, qos=1)
     client._out_packet[0]["pos"] = 1  # noqa: SLF001  (its first byte is out)
     client._out_packet[0]["to_process"] -= 1  # noqa: SLF001
     client._send_puback(4)  # noqa: SLF001
+    assert len(client._out_packet) == 2  # noqa: SLF001
+
+
+def test_nothing_is_joined_unless_an_event_loop_writes() -> None:
+    """Under paho's own loop thread its writer would race the append; with no loop at all paho
+    writes inside each publish. Either way packets are queued as paho queues them."""
+    # No loop: each publish is written at once, even after a refused send left one queued.
+    sent = []
+    for lean in (False, True):
+        sock = BudgetSocket([0] + [1 << 20] * 9)
+        client, _ = writing_client(sock, lean, event_loop=False)
+        client.publish(OURS, b"first", qos=1)  # refused: stays queued
+        client.publish(OURS, b"second", qos=1)  # paho writes the queue now
+        sent.append(bytes(sock.sent))
+    assert sent[1] == sent[0] and b"second" in sent[0]
+    # paho's loop thread (loop_start) writes on its own thread: nothing is joined.
+    sock = CountingSocket()
+    client, _ = writing_client(sock, lean=True)
+    client._thread = threading.current_thread()  # noqa: SLF001  (as loop_start sets it)
+    client._send_puback(1)  # noqa: SLF001
+    client._send_puback(2)  # noqa: SLF001
     assert len(client._out_packet) == 2  # noqa: SLF001
 
 
