@@ -141,7 +141,7 @@ class PacketReader:
         exceptions, so that ``loop_read`` tells them from exceptions raised by handlers."""
         try:
             n = int(sock.recv_into(view))
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+        except (BlockingIOError, ssl.SSLWantReadError):
             raise _WouldBlock from None
         except ssl.SSLWantWriteError:
             self._client._call_socket_register_write()  # noqa: SLF001
@@ -158,7 +158,7 @@ class PacketReader:
         in scratch by a handler that raised are handled first, without reading."""
         if self._have:
             return self._consume_scratch()
-        if self._length >= 0 and self._need() >= _SCRATCH and self._have == 0:
+        if self._length >= 0 and self._need() >= _SCRATCH:
             # In the body of a large packet: read straight into it.
             assert self._packet is not None
             if self._filled == len(self._packet):  # a very large packet: grow as its bytes come

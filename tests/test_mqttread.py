@@ -513,7 +513,7 @@ def test_joined_packets_stay_under_join_max() -> None:
     assert bytes(sock.sent) == b"".join(puback(mid) for mid in range(1, 6001))
 
 
-def test_qos0_publishes_connect_disconnect_and_a_packet_partly_sent_are_not_joined() -> None:
+def test_qos0_publishes_a_disconnect_and_a_packet_partly_sent_are_not_joined() -> None:
     sock = SlowSocket()
     client, written = writing_client(sock, lean=True)
     client.publish(OURS, b"a", qos=0)
