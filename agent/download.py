@@ -16,6 +16,13 @@ reaches the verifier, so that the event loop only moves bytes; the download
 ends when the reader has checked every block, or with the first block that
 does not match.
 
+What the reader has checked leaves the page cache at the next flush of the record (after its
+fsync, with ``posix_fadvise(DONTNEED)``): a bundle is written once and read once more at install,
+so keeping it cached would only push out what the device is running, and the cache stays a few MiB
+instead of growing by the whole bundle. On the development VM that growth was also slow: in 42
+alternating deliveries of 64 MiB each way, ``pwrite`` cost 12-42 ms of CPU with the drops, while
+without them 9 of 42 cost 77-214 ms (those deliveries took 245-414 ms instead of 169-248 ms).
+
 Bad data (a block that does not match, a reply that does not answer the
 request, more bytes than the bundle could need) ends the download with a
 :class:`~agent.errors.BadData`; a failed link (timeouts past the retries, the
@@ -292,6 +299,19 @@ def _check_and_write(target: BlockedTarget, fd: int, first: int, count: int, off
     return None
 
 
+def _uncache(fd: int, start: int, end: int) -> None:
+    """Let the kernel drop ``[start, end)`` of ``fd`` from the page cache. Pages still dirty stay
+    (the kernel starts writing them out), so this never loses a byte; where the call does not exist
+    or the filesystem keeps its pages (tmpfs) nothing changes."""
+    fadvise = getattr(os, "posix_fadvise", None)
+    if fadvise is None or end <= start:
+        return
+    try:
+        fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    except OSError as e:
+        log.debug("posix_fadvise: %s", e)
+
+
 def _reserve(fd: int, length: int) -> None:
     """Allocate the part file's disk space up front: a full disk fails here, before any block is
     fetched, rather than at a write halfway through; and writing into allocated space costs the
@@ -417,6 +437,9 @@ class _Blocks:
         self._last_flush = time.monotonic()
         self._flushed_bytes = stats.bytes_fetched
         self._flushing: asyncio.Future[None] | None = None
+        self._uncached = 0
+        """Bytes from the start of the part file let go from the page cache: checked by the reader
+        and written before the fsync of a flush."""
         self._done: asyncio.Future[None] | None = None
 
     async def fetch(self) -> None:
@@ -548,8 +571,18 @@ class _Blocks:
             return
         self._last_flush = now
         self._flushed_bytes = self._stats.bytes_fetched
-        self._flushing = asyncio.get_running_loop().run_in_executor(None, self._record.flush, self._fd)
+        start = self._uncached
+        if self._progress is not None:  # what it has checked was written before this flush's fsync
+            t = self._target
+            self._uncached = max(start, min(self._progress.checked_blocks * t.block_size, t.length))
+        self._flushing = asyncio.get_running_loop().run_in_executor(None, self._flush, start, self._uncached)
         self._flushing.add_done_callback(self._flushed)
+
+    def _flush(self, uncache_from: int, uncache_to: int) -> None:
+        """In a worker thread: persist the record (fsyncing the part file first), then let the
+        checked part of the file leave the page cache: nothing reads it again before the install."""
+        self._record.flush(self._fd)
+        _uncache(self._fd, uncache_from, uncache_to)
 
     def _flushed(self, fut: asyncio.Future[None]) -> None:
         self._flushing = None

@@ -48,6 +48,8 @@ class FakeServer:
     silent_after: int | None = None
     """Answer only this many requests, then nothing (a stalled stream)."""
     tamper: Callable[[bytes], bytes] | None = None
+    delay: float = 0.0
+    """Seconds before each reply is delivered (a paced link)."""
     requests: list[BlockRequest | MetaRequest] = field(default_factory=list)
     _held: list[bytes] = field(default_factory=list)
 
@@ -71,6 +73,8 @@ class FakeServer:
                         loop.call_soon(self.channel.deliver, h)
                 else:
                     loop.call_later(0.05, self._flush_held)
+            elif self.delay:
+                loop.call_later(self.delay, self.channel.deliver, r)
             else:
                 loop.call_soon(self.channel.deliver, r)
         for i in range(self.flood):

@@ -311,7 +311,7 @@ def test_record_is_flushed_every_so_many_bytes(tmp_path: Path, monkeypatch: pyte
 
 
 def download_with_reader(server: FakeServer, target: object, workdir: Path, stats: DownloadStats,
-                         fail_after: int | None = None) -> tuple[object, object]:
+                         fail_after: int | None = None, limits: UpdateLimits = FAST) -> tuple[object, object]:
     """(what download returned or raised, what the reader read or raised). The reader reads 5000
     bytes at a time, like a verifier that does not care about block boundaries; with
     ``fail_after``, it gives up after that many bytes, as a verifier that found the bundle bad."""
@@ -344,7 +344,7 @@ def download_with_reader(server: FakeServer, target: object, workdir: Path, stat
         t = threading.Thread(target=read)
         t.start()
         try:
-            return await download(server.attach(), target, workdir, FAST, stats=stats,  # type: ignore[arg-type]
+            return await download(server.attach(), target, workdir, limits, stats=stats,  # type: ignore[arg-type]
                                   progress=progress)
         except Exception as e:  # noqa: BLE001 - returned for the test to look at
             return e
@@ -356,6 +356,52 @@ def download_with_reader(server: FakeServer, target: object, workdir: Path, stat
     part_path(workdir, target).touch()  # type: ignore[arg-type]
     result = run(go())
     return result, outcome[0] if outcome else None
+
+
+def _cached(fd: int, offset: int) -> bool:
+    """Is the page at ``offset`` in the page cache? (A read that may not wait for the disk.)"""
+    try:
+        os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _page_cache_lets_go(directory: Path) -> bool:
+    """Does this filesystem drop clean pages on POSIX_FADV_DONTNEED (tmpfs does not)?"""
+    probe = directory / "probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"x" * 65536, 0)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return not _cached(fd, 0)
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT") or not hasattr(os, "posix_fadvise"), reason="Linux only")
+def test_what_the_reader_checked_leaves_the_page_cache_while_the_rest_arrives(tmp_path: Path) -> None:
+    """A bundle is written once and read once more at install: the part the verifier has checked
+    and a flush has put on disk is dropped from the page cache as the download goes on, so a
+    download does not fill the cache with the bundle (nor grow it into fresh memory)."""
+    if not _page_cache_lets_go(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} keeps clean pages cached")
+    block = 16384
+    data = payload(48 * block)
+    target = blocked_target(data, block_size=block)
+    server = FakeServer(files={target.url_path: data}, delay=0.004)  # the reader keeps up with it
+    limits = UpdateLimits(request_timeout=2, blocks_in_flight=1, request_bytes=block, record_flush_interval=0.001)
+    result, read = download_with_reader(server, target, tmp_path, DownloadStats(), limits=limits)
+    assert isinstance(result, Path) and read == data
+    fd = os.open(result, os.O_RDONLY)
+    try:
+        cached = [_cached(fd, i * block) for i in range(target.blocks)]  # type: ignore[attr-defined]
+        assert not any(cached[:8]), cached  # checked long before the last flush: let go
+        assert os.pread(fd, len(data), 0) == data  # from the disk, whole
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("knob", [{}, {"reorder": True}, {"duplicate": True}])
