@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class Channel:
         self._send = send
         self._max_body = max_body
         self._pending: dict[str, tuple[OnReply, OnError, asyncio.TimerHandle]] = {}
+        self._last_answer = -math.inf
+        """Loop time of the last reply that answered a pending request."""
         self.stats = ChannelStats()
 
     @staticmethod
@@ -85,6 +88,7 @@ class Channel:
             return
         on_reply, _, timer = pending
         timer.cancel()
+        self._last_answer = asyncio.get_running_loop().time()
         self.stats.replies += 1
         on_reply(reply)
 
@@ -141,9 +145,20 @@ class Channel:
         self.stats.requests += 1
 
     def _expire(self, req: MetaRequest | BlockRequest, timeout: float) -> None:
-        if req.id in self._pending:
-            self.stats.timeouts += 1
-            self._fail(req.id, RequestTimeout(f"no reply to {req.op} request within {timeout:g} s"))
+        """``timeout`` seconds since ``req`` went out. If other requests were answered meanwhile, the
+        link works and ``req`` is queued behind their replies (a link slower than the requests in
+        flight): it waits until ``timeout`` seconds pass with no answer at all. Only matched replies
+        count: nobody else can make one (the ids are random), so a flood does not keep it waiting."""
+        pending = self._pending.get(req.id)
+        if pending is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_answer < timeout:
+            timer = loop.call_at(self._last_answer + timeout, self._expire, req, timeout)
+            self._pending[req.id] = (pending[0], pending[1], timer)
+            return
+        self.stats.timeouts += 1
+        self._fail(req.id, RequestTimeout(f"no reply to {req.op} request within {timeout:g} s"))
 
     def _published(self, req_id: str, task: asyncio.Future[None]) -> None:
         error = None if task.cancelled() else task.exception()

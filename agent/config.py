@@ -44,7 +44,8 @@ class UpdateLimits:
     """Limits of the update channel: what one device accepts from the broker."""
 
     request_timeout: float = 10.0
-    """Seconds to wait for one reply before asking again."""
+    """Seconds with no reply, to this request or to any other, before asking again (a request
+    queued behind other replies on a slow link waits while they arrive)."""
     request_retries: int = 5
     """Attempts per request before the download gives up (a link error, resumed later)."""
     blocks_in_flight: int = 16

@@ -50,6 +50,10 @@ class FakeServer:
     tamper: Callable[[bytes], bytes] | None = None
     delay: float = 0.0
     """Seconds before each reply is delivered (a paced link)."""
+    link_interval: float = 0.0
+    """Seconds each reply takes on the device's link: replies arrive one after another, each
+    queued behind those before it (a slow link, its bandwidth shared by the requests in flight)."""
+    _link_free: float = 0.0
     requests: list[BlockRequest | MetaRequest] = field(default_factory=list)
     _held: list[bytes] = field(default_factory=list)
 
@@ -73,6 +77,9 @@ class FakeServer:
                         loop.call_soon(self.channel.deliver, h)
                 else:
                     loop.call_later(0.05, self._flush_held)
+            elif self.link_interval:
+                self._link_free = max(self._link_free, loop.time()) + self.link_interval
+                loop.call_at(self._link_free, self.channel.deliver, r)
             elif self.delay:
                 loop.call_later(self.delay, self.channel.deliver, r)
             else:

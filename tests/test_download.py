@@ -110,6 +110,33 @@ def test_lost_reply_is_asked_again(tmp_path: Path) -> None:
     assert stats.retries == 1
 
 
+def test_a_slow_link_busy_with_replies_times_no_request_out(tmp_path: Path) -> None:
+    """On a link slower than the window (here 4 replies in flight, each taking 0.12 s, against a
+    0.3 s request timeout) a request waits behind the replies before it. While answers keep
+    arriving that is not a lost reply: asking again would only queue more bytes on the slow link."""
+    data = payload()
+    server, target = setup(data, link_interval=0.12)
+    stats = DownloadStats()
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, FAST, stats=stats)  # type: ignore[arg-type]
+
+    assert run(go()).read_bytes() == data
+    assert stats.retries == 0 and len(server.block_requests()) == target.blocks  # type: ignore[attr-defined]
+
+
+def test_a_reply_lost_on_a_busy_slow_link_is_asked_again_once_the_link_goes_quiet(tmp_path: Path) -> None:
+    data = payload()
+    server, target = setup(data, link_interval=0.12, drop_first={2 * 4096})
+    stats = DownloadStats()
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, FAST, stats=stats)  # type: ignore[arg-type]
+
+    assert run(go()).read_bytes() == data
+    assert stats.retries == 1 and len(server.block_requests()) == target.blocks + 1  # type: ignore[attr-defined]
+
+
 def test_endless_data_is_cut_off(tmp_path: Path) -> None:
     server, target = setup(payload(), flood=3)
 
@@ -238,6 +265,31 @@ def test_channel_timeout_and_close() -> None:
 
     with pytest.raises(ChannelClosed):
         run(closed())
+
+
+def test_replies_nobody_asked_for_do_not_hold_off_a_timeout() -> None:
+    """Only answers to pending requests show that the link works: a stream of forged or stray
+    replies (every 10 ms, for as long as the request waits) cannot keep it waiting past its 0.1 s
+    timeout. Were it held off, the 5 s guard would end the test with TimeoutError instead."""
+    server = FakeServer(silent_after=0)
+    ch = server.attach()
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+
+        def stray() -> None:
+            ch.deliver(encode_reply(Reply(id="00ff00ff00ff00ff00ff00ff", status="ok", body=b"x")))
+            flood.append(loop.call_later(0.01, stray))
+
+        flood = [loop.call_soon(stray)]
+        try:
+            await asyncio.wait_for(ch.request(MetaRequest(id=ch.new_id(), name="timestamp.json"), timeout=0.1), 5)
+        finally:
+            flood[-1].cancel()
+
+    with pytest.raises(RequestTimeout):
+        run(go())
+    assert ch.stats.unmatched >= 5
 
 
 def test_growing_reader_waits_for_checked_blocks_and_stops_on_abort(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ from packager.repo import BLOCK_SIZE, publish, rotate
 from tests.conftest import KeyPair, build
 from tests.modelfactory import onnx_mlp
 from tests.mosquitto import Broker, amqtt_broker, broker, free_port, stop_process  # noqa: F401 - fixture
+from tests.slowlink import slow_link
 from tests.updatechannel import (EvilServer, agent_config, make_repo, now, running_agent, running_server,
                                  trusted_snapshot, wait_for)
 
@@ -242,6 +243,34 @@ def test_broker_restart_mid_download_resumes_without_refetching(broker: Broker, 
     assert staged.files["1.0.0"] == big_bundle.read_bytes()
     assert not (state / "downloads" / f"{sha}.record.json").exists()
     assert not (state / "downloads" / f"{sha}.part").exists()
+
+
+def test_a_link_slower_than_the_window_downloads_without_asking_twice(broker: Broker, tmp_path: Path,  # noqa: F811
+                                                                     release_key: KeyPair, big_bundle: Path) -> None:
+    """A device whose downlink carries 2 MiB/s, with the default 16 requests of 256 KiB in flight: the
+    last reply of a window arrives 2 s after its request, past the 1 s request timeout. Replies keep
+    arriving meanwhile, so no request is asked again (each would only add 256 KiB to the queue on the
+    slow link): every block is requested once and the bundle is staged."""
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
+    state = tmp_path / "state"
+    total = -(-big_bundle.stat().st_size // BLOCK_SIZE)
+    ev = EvilServer(repo, parse_broker_url(broker.url))
+    staged = StagedBundles(state)
+
+    async def scenario() -> Agent:
+        async with slow_link(broker.host, broker.port, rate=2 * 1024 * 1024) as port:
+            cfg = agent_config(f"mqtt://127.0.0.1:{port}", state, anchor(repo), device="dev-slow", models=("big",),
+                               limits={"request_timeout": 1, "request_retries": 3})
+            async with ev.running(), running_agent(cfg, staged) as agent:
+                await wait_for(lambda: held_version(state, "big") == "1.0.0", 60, "bundle staged over the slow link")
+                return agent
+
+    agent = asyncio.run(scenario())
+    assert agent.config.limits.blocks_in_flight * agent.config.limits.request_bytes >= 4 * 1024 * 1024
+    stats = agent.status.downloads[-1]
+    assert len(agent.status.downloads) == 1 and stats.retries == 0
+    assert sorted(bundle_block_offsets(ev, "dev-slow", big_bundle)) == [i * BLOCK_SIZE for i in range(total)]
+    assert staged.files["1.0.0"] == big_bundle.read_bytes()
 
 
 def test_broker_loss_mid_download_leaves_no_unretrieved_task_exception(broker: Broker, tmp_path: Path,  # noqa: F811
