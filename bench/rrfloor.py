@@ -90,13 +90,14 @@ def floor_server(host: str, port: int, bundle: Path) -> Iterator[None]:
             raise RuntimeError("the floor server did not start")
         yield
     finally:
-        assert proc.stdin is not None
+        assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
 
 
 class _Verifier(threading.Thread):

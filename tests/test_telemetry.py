@@ -244,6 +244,7 @@ def test_outbox_survives_kill_9_of_a_writer_mid_append(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)  # while it keeps appending
     proc.wait(timeout=10)
     confirmed = max([confirmed, *(int(line) for line in proc.stdout.read().split())])
+    proc.stdout.close()
     with Outbox(directory, 1 << 30) as box:
         ids = [r.id for r in box.peek(1 << 30)]
         # every append that returned is there, in order, with no gap; at most one more
@@ -273,6 +274,7 @@ def test_acks_flushed_before_a_kill_9_stay_acked(tmp_path: Path) -> None:
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"done"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+    proc.stdout.close()
     with Outbox(tmp_path / "ob", 1 << 20) as box:
         # 61 and 62 come back (at least once); nothing before them does
         assert [r.id for r in box.peek(100)] == list(range(61, 101)) and box.next_id == 101
