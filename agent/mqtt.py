@@ -15,6 +15,7 @@ the rest of the message's handling.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -108,6 +109,29 @@ MAX_INFLIGHT = 64
 """QoS 1 publishes a client keeps in flight (requests and replies are pipelined)."""
 
 
+@functools.cache
+def _client_class() -> type[aiomqtt.Client]:
+    import aiomqtt
+
+    class Client(aiomqtt.Client):
+        """aiomqtt's client, whose exit also marks a lost connection's error as seen. aiomqtt 2.5
+        returns early from ``__aexit__`` when the connection is already gone, without retrieving
+        that error, and asyncio then logs "Future exception was never retrieved" for every lost
+        link (each broker restart, in a device's log). Nothing is hidden: the session learns of the
+        loss from paho (``on_link_lost``) or from its message iteration, and an aiomqtt that raises
+        the error from ``__aexit__`` still does."""
+
+        async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            try:
+                await super().__aexit__(exc_type, exc, tb)
+            finally:
+                lost = self._disconnected
+                if lost.done() and not lost.cancelled():
+                    lost.exception()
+
+    return Client
+
+
 def make_client(
     settings: BrokerSettings,
     *,
@@ -123,7 +147,7 @@ def make_client(
     else:
         kwargs["protocol"] = aiomqtt.ProtocolVersion.V311
         kwargs["clean_session"] = True
-    client = aiomqtt.Client(
+    client = _client_class()(
         settings.host,
         settings.port,
         identifier=identifier,

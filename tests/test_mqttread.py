@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.mqtt import JOIN_MAX, UNSLICED_MIN, lean_writes
 from agent.mqttread import PREALLOC_MAX, PacketReader, install
+from tests.mosquitto import Broker, broker  # noqa: F401 - fixture
 
 OURS, OTHER = "edgeship/v1/resp/dev-1", "edgeship/v1/hint"
 
@@ -620,3 +621,36 @@ def test_route_hands_what_the_reader_leaves_to_paho_to_deliver_not_the_message_q
     assert got == [(OURS.encode(), b"qos1"), (OURS.encode(), b"exactly once")]
     assert queued == 0
     assert sent.startswith(puback(4) + b"\x50")  # then PUBREC for the QoS 2 one
+
+
+def test_a_lost_connection_leaves_no_unretrieved_error_behind(broker: Broker) -> None:  # noqa: F811
+    """A client whose broker went away exits its ``async with`` quietly: aiomqtt 2.5 left the
+    lost connection's error unretrieved, and asyncio logged "Future exception was never
+    retrieved" for it (after every broker restart, in a device's log)."""
+    import asyncio
+    import contextlib
+    import gc
+
+    import aiomqtt
+
+    from agent.mqtt import make_client, parse_broker_url
+
+    logged: list[str] = []
+
+    async def go() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: logged.append(ctx["message"]))
+        client = make_client(parse_broker_url(broker.url), identifier="lost-link", protocol="3.1.1")
+        with contextlib.suppress(aiomqtt.MqttError):  # an aiomqtt that raises the loss on exit may
+            async with client:
+                broker.stop()
+                for _ in range(500):
+                    if client._disconnected.done():  # noqa: SLF001
+                        break
+                    await asyncio.sleep(0.01)
+                assert client._disconnected.done()  # noqa: SLF001 - paho saw the connection go
+        del client
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(go())
+    assert not [m for m in logged if "never retrieved" in m], logged
