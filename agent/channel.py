@@ -56,6 +56,18 @@ class ChannelStats:
     bytes_in: int = 0
 
 
+_EARLY = 0.001
+"""Seconds a timer may fire before its time (asyncio runs a handle up to the clock's resolution
+early: 15.6 ms on Windows) and still count as on time, so an expiry does not re-arm in a loop."""
+
+
+class _Pending:
+    __slots__ = ("on_reply", "on_error", "timer", "seq")
+
+    def __init__(self, on_reply: OnReply, on_error: OnError, timer: asyncio.TimerHandle, seq: int) -> None:
+        self.on_reply, self.on_error, self.timer, self.seq = on_reply, on_error, timer, seq
+
+
 class Channel:
     def __init__(self, device: str, publish: Publish, *, max_body: int, send: Send | None = None) -> None:
         self.device = device
@@ -63,9 +75,13 @@ class Channel:
         self._publish = publish
         self._send = send
         self._max_body = max_body
-        self._pending: dict[str, tuple[OnReply, OnError, asyncio.TimerHandle]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._sent = 0
+        """Requests sent so far: the next one's place in the order they went out."""
         self._last_answer = -math.inf
         """Loop time of the last reply that answered a pending request."""
+        self._answered = -1
+        """Place of the latest-sent request answered so far."""
         self.stats = ChannelStats()
 
     @staticmethod
@@ -75,6 +91,7 @@ class Channel:
     def deliver(self, payload: bytes | memoryview) -> None:
         """Feed one message that arrived on this device's reply topic."""
         self.stats.bytes_in += len(payload)
+        now = asyncio.get_running_loop().time()
         try:
             reply = decode_reply(payload, max_body=self._max_body)
         except ProtocolError as e:
@@ -86,11 +103,11 @@ class Channel:
             self.stats.unmatched += 1
             log.debug("dropped reply %s: no pending request has that id", reply.id)
             return
-        on_reply, _, timer = pending
-        timer.cancel()
-        self._last_answer = asyncio.get_running_loop().time()
+        pending.timer.cancel()
+        self._last_answer = now
+        self._answered = max(self._answered, pending.seq)
         self.stats.replies += 1
-        on_reply(reply)
+        pending.on_reply(reply)
 
     async def request(self, req: MetaRequest | BlockRequest, *, timeout: float) -> Reply:
         """Publish ``req`` and wait for its reply (RequestTimeout, ChannelClosed)."""
@@ -130,35 +147,43 @@ class Channel:
         """Forget a pending request: its reply, if one comes, is dropped as unmatched."""
         pending = self._pending.pop(req_id, None)
         if pending is not None:
-            pending[2].cancel()
+            pending.timer.cancel()
 
     def close(self, reason: str = "connection lost") -> None:
         """Fail every pending request (the connection dropped)."""
         pending, self._pending = self._pending, {}
-        for _, on_error, timer in pending.values():
-            timer.cancel()
-            on_error(ChannelClosed(reason))
+        for p in pending.values():
+            p.timer.cancel()
+            p.on_error(ChannelClosed(reason))
 
     def _expect(self, req: MetaRequest | BlockRequest, timeout: float, on_reply: OnReply, on_error: OnError) -> None:
         timer = asyncio.get_running_loop().call_later(timeout, self._expire, req, timeout)
-        self._pending[req.id] = (on_reply, on_error, timer)
+        self._pending[req.id] = _Pending(on_reply, on_error, timer, self._sent)
+        self._sent += 1
         self.stats.requests += 1
 
     def _expire(self, req: MetaRequest | BlockRequest, timeout: float) -> None:
-        """``timeout`` seconds since ``req`` went out. If other requests were answered meanwhile, the
+        """``timeout`` seconds since ``req`` went out, with no reply.
+
+        If a request sent after ``req`` was answered, ``req``'s reply is lost (or the server that
+        took it died): ask again now. If only requests sent before it were answered meanwhile, the
         link works and ``req`` is queued behind their replies (a link slower than the requests in
-        flight): it waits until ``timeout`` seconds pass with no answer at all. Only matched replies
-        count: nobody else can make one (the ids are random), so a flood does not keep it waiting."""
+        flight): it waits until ``timeout`` seconds pass with no answer at all, or until a later
+        request is answered. Only replies that match a pending request count, so a flood of
+        replies with made-up ids does not keep it waiting; the broker sees the ids and could
+        answer to keep it waiting, but a broker can withhold replies anyway: the download's
+        deadline bounds both."""
         pending = self._pending.get(req.id)
         if pending is None:
             return
         loop = asyncio.get_running_loop()
-        if loop.time() - self._last_answer < timeout:
-            timer = loop.call_at(self._last_answer + timeout, self._expire, req, timeout)
-            self._pending[req.id] = (pending[0], pending[1], timer)
+        overtaken = self._answered > pending.seq
+        if not overtaken and loop.time() + _EARLY < self._last_answer + timeout:
+            pending.timer = loop.call_at(self._last_answer + timeout, self._expire, req, timeout)
             return
         self.stats.timeouts += 1
-        self._fail(req.id, RequestTimeout(f"no reply to {req.op} request within {timeout:g} s"))
+        self._fail(req.id, RequestTimeout(f"no reply to {req.op} request within {timeout:g} s" +
+                                          (", while later requests were answered" if overtaken else "")))
 
     def _published(self, req_id: str, task: asyncio.Future[None]) -> None:
         error = None if task.cancelled() else task.exception()
@@ -169,5 +194,5 @@ class Channel:
     def _fail(self, req_id: str, err: LinkError) -> None:
         pending = self._pending.pop(req_id, None)
         if pending is not None:
-            pending[2].cancel()
-            pending[1](err)
+            pending.timer.cancel()
+            pending.on_error(err)

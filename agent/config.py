@@ -44,8 +44,9 @@ class UpdateLimits:
     """Limits of the update channel: what one device accepts from the broker."""
 
     request_timeout: float = 10.0
-    """Seconds with no reply, to this request or to any other, before asking again (a request
-    queued behind other replies on a slow link waits while they arrive)."""
+    """Seconds with no reply before asking again: once a request sent later has been answered, or
+    once no request at all has been answered for that long (a request queued behind the replies
+    to earlier ones on a slow link waits while they arrive)."""
     request_retries: int = 5
     """Attempts per request before the download gives up (a link error, resumed later)."""
     blocks_in_flight: int = 16

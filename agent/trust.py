@@ -15,6 +15,7 @@ each request to the event loop that owns the MQTT connection.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent import safejson
-from agent.channel import Channel
+from agent.channel import Channel, RequestTimeout
 from agent.config import UpdateLimits
 from agent.download import BlockedTarget
 from agent.errors import (
@@ -69,7 +70,13 @@ class MqttFetcher(FetcherInterface):
             fut = asyncio.run_coroutine_threadsafe(
                 self._channel.request(req, timeout=self._limits.request_timeout), self._loop)
             try:
-                return fut.result(self._limits.request_timeout + 5)
+                # The channel ends every request (a reply, RequestTimeout, ChannelClosed), but one
+                # queued behind a download's replies on a slow link may wait past request_timeout.
+                return fut.result(self._limits.download_deadline)
+            except concurrent.futures.TimeoutError:
+                fut.cancel()
+                raise RequestTimeout(f"no reply to {req.op} request within "
+                                     f"{self._limits.download_deadline:g} s") from None
             except LinkError as e:
                 last = e
                 req = type(req)(**{**req.__dict__, "id": Channel.new_id()})

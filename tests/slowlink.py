@@ -1,7 +1,8 @@
 """A slow link between a device and the broker: a TCP proxy on 127.0.0.1 that passes what the
 broker sends at ``rate`` bytes per second (the device's downlink, as on a cellular modem) and what
 the device sends as it comes. It reads from the broker only as fast as it passes bytes on, so the
-backlog waits in the broker, as it would behind a real slow link, not in the proxy."""
+backlog stays out of the proxy: it fills the loopback socket buffers (a few MiB at most) and then
+waits in the broker, as it would behind a real slow link."""
 
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ async def slow_link(broker_host: str, broker_port: int, *, rate: float) -> Async
     pipes: set[asyncio.Task[None]] = set()
 
     async def accept(down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection(broker_host, broker_port)
+        try:
+            up_r, up_w = await asyncio.open_connection(broker_host, broker_port)
+        except OSError:  # the broker is gone: the device sees its connection closed
+            down_w.close()
+            return
         for t in (asyncio.ensure_future(_pipe(down_r, up_w, None)), asyncio.ensure_future(_pipe(up_r, down_w, rate))):
             pipes.add(t)
             t.add_done_callback(pipes.discard)

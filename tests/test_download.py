@@ -125,7 +125,7 @@ def test_a_slow_link_busy_with_replies_times_no_request_out(tmp_path: Path) -> N
     assert stats.retries == 0 and len(server.block_requests()) == target.blocks  # type: ignore[attr-defined]
 
 
-def test_a_reply_lost_on_a_busy_slow_link_is_asked_again_once_the_link_goes_quiet(tmp_path: Path) -> None:
+def test_a_reply_lost_on_a_busy_slow_link_is_asked_again_once_a_later_request_is_answered(tmp_path: Path) -> None:
     data = payload()
     server, target = setup(data, link_interval=0.12, drop_first={2 * 4096})
     stats = DownloadStats()
@@ -135,6 +135,24 @@ def test_a_reply_lost_on_a_busy_slow_link_is_asked_again_once_the_link_goes_quie
 
     assert run(go()).read_bytes() == data
     assert stats.retries == 1 and len(server.block_requests()) == target.blocks + 1  # type: ignore[attr-defined]
+
+
+def test_a_reply_lost_on_a_busy_link_is_asked_again_without_waiting_for_the_rest(tmp_path: Path) -> None:
+    """Replies to the requests sent after the lost one keep coming: the link works, so the lost
+    request is asked again once its timeout has passed, not when the rest of the download is
+    done (until then it holds a slot of the window, and the reader waits for its block)."""
+    data = payload(96 * 4096)  # 0.96 s on this link, against a 0.3 s request timeout
+    server, target = setup(data, link_interval=0.01, drop_first={2 * 4096})
+    stats = DownloadStats()
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, FAST, stats=stats)  # type: ignore[arg-type]
+
+    assert run(go()).read_bytes() == data
+    offsets = [r.offset for r in server.block_requests()]
+    assert stats.retries == 1 and len(offsets) == target.blocks + 1  # type: ignore[attr-defined]
+    asked_again = offsets.index(2 * 4096, offsets.index(2 * 4096) + 1)
+    assert asked_again < len(offsets) // 2, (asked_again, len(offsets))
 
 
 def test_endless_data_is_cut_off(tmp_path: Path) -> None:
@@ -561,3 +579,23 @@ def test_a_download_cancelled_twice_waits_for_its_background_flush(tmp_path: Pat
     with pytest.raises(asyncio.CancelledError):
         run(go())
     assert done_before_return == [True] and not errors
+
+
+def test_the_metadata_fetcher_turns_a_wait_past_its_cap_into_a_link_error() -> None:
+    """python-tuf's fetcher runs in a worker thread and waits on the loop. If its request is not
+    ended in time (the loop busy or gone) it gets a LinkError the agent handles (a link fault,
+    refreshed again later), not a bare TimeoutError, and the request is forgotten."""
+    from agent.trust import MqttFetcher
+
+    server = FakeServer(silent_after=0)
+    limits = UpdateLimits(request_timeout=30, download_deadline=0.2)
+
+    async def go() -> None:
+        channel = server.attach()
+        fetcher = MqttFetcher(channel, asyncio.get_running_loop(), limits)
+        with pytest.raises(RequestTimeout, match="within 0.2 s"):
+            await asyncio.to_thread(lambda: b"".join(fetcher._fetch("edgeship-meta:/1.root.json")))
+        await asyncio.sleep(0.01)
+        assert channel._pending == {}
+
+    run(go())
