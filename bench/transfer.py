@@ -1,15 +1,18 @@
 """Transfer bench: a signed bundle delivered and verified through Mosquitto on loopback, beside a raw paho stream.
 
-    python bench/transfer.py [--size-mib 64] [--repeat 3] [--blocks-in-flight 16[,4]] [--request-kib 256[,1024]]
-                             [--warmup 1] [--server process|thread] [--workdir DIR] [--json] [-v]
+    python bench/transfer.py [--size-mib 64] [--repeat 3] [--blocks-in-flight 8[,16]] [--request-kib 512[,256]]
+                             [--raw-kib 256,512] [--warmup 1] [--server process|thread] [--workdir DIR] [--json] [-v]
 
 In one run, against one Mosquitto (127.0.0.1, free port, the production-relevant settings of
 tests/mosquitto.py: set_tcp_nodelay, max_queued_messages 0 with a memory_limit, max_packet_size 2 MiB):
 
 * **raw**: plain paho (its own loop thread per client, QoS 1, TCP_NODELAY) publishes the bundle's
-  bytes in 256 KiB chunks to a paho subscriber; MiB/s from the first publish to the last chunk
-  received: the transport with nothing on top (no request/response, hashing or disk). Both
-  clients share this process, as edgeship's agent and an in-process server would.
+  bytes to a paho subscriber; MiB/s from the first publish to the last chunk received: the
+  transport with nothing on top (no request/response, hashing or disk). Both clients share this
+  process, as edgeship's agent and an in-process server would. One raw row per ``--raw-kib`` chunk
+  size: by default 256 KiB (the repository's block size; the first row is the one the ratios and
+  the target use) and 512 KiB (the agent's request size, on which the raw stream itself is faster
+  here), each target line giving the ratio to both.
 * **floor** (``--floor``, on by default): bare paho request/response with the same settings and
   the same per-byte work as edgeship's download and verification (bench/rrfloor.py: a part file
   written in place, read back by a second thread that hashes each block, inflates and hashes the
@@ -71,7 +74,6 @@ from tests.updatechannel import make_repo  # noqa: E402
 MODEL = "bench"
 VERSION = "1.0.0"
 DEVICE = "bench-device"
-RAW_CHUNK = 256 * KiB
 TARGET_RATIO = 0.6
 CACHE_TAG = "r1"
 """Bump when write_model changes, so a cached bundle of the old kind is not reused."""
@@ -137,7 +139,7 @@ def _connect(client: Any, broker: Broker) -> None:
         raise RuntimeError("paho client did not connect")
 
 
-def raw_stream(broker: Broker, data: bytes, chunk: int = RAW_CHUNK) -> float:
+def raw_stream(broker: Broker, data: bytes, chunk: int) -> float:
     """Seconds from the first publish to the last chunk received (QoS 1 both ways)."""
     topic = "bench/raw"
     chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
@@ -298,7 +300,8 @@ def deliver(broker: Broker, repo: Path, state: Path, setting: Setting, expect_sh
 @dataclass
 class Results:
     size: int
-    raw: list[float] = field(default_factory=list)
+    raw: dict[int, list[float]] = field(default_factory=dict)
+    """Seconds per raw run, by chunk size in KiB (the first is the reference)."""
     floor: dict[Setting, list[float]] = field(default_factory=dict)
     edgeship: dict[Setting, list[Delivery]] = field(default_factory=dict)
 
@@ -311,7 +314,7 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
     data = bundle.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     floor_expect = inflated_sha256(bundle) if args.floor else ""
-    res = Results(size=len(data), edgeship={s: [] for s in settings},
+    res = Results(size=len(data), edgeship={s: [] for s in settings}, raw={k: [] for k in args.raw_kib},
                   floor={s: [] for s in settings} if args.floor else {})
     with tempfile.TemporaryDirectory(prefix="run-", dir=workdir) as tmp_name:
         tmp = Path(tmp_name)
@@ -323,12 +326,14 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
             flooring = floor_server(broker.host, broker.port, bundle) if args.floor else contextlib.nullcontext()
             with serving, flooring:
                 for _ in range(args.warmup):  # first connections, imports, page cache: not measured
-                    raw_stream(broker, data)
+                    for kib in res.raw:
+                        raw_stream(broker, data, kib * KiB)
                     deliver(broker, repo, tmp / "warmup", settings[0], sha)
                     shutil.rmtree(tmp / "warmup", ignore_errors=True)
                 for rep in range(args.repeat):
-                    res.raw.append(raw_stream(broker, data))
-                    log.info("rep %d raw: %.1f MiB/s", rep + 1, len(data) / MiB / res.raw[-1])
+                    for kib, seconds in res.raw.items():
+                        seconds.append(raw_stream(broker, data, kib * KiB))
+                        log.info("rep %d raw %d KiB: %.1f MiB/s", rep + 1, kib, len(data) / MiB / seconds[-1])
                     for s in res.floor:
                         res.floor[s].append(floor_download(broker.host, broker.port, len(data), tmp / "floor.part",
                                                            in_flight=s.blocks_in_flight, request=s.request_kib * KiB,
@@ -355,7 +360,8 @@ def summarize(res: Results, args: argparse.Namespace) -> dict[str, Any]:
         r = [mib / s for s in seconds]
         return {"mib_s": statistics.median(r), "min": min(r), "max": max(r), "runs": r}
 
-    raw = rates(res.raw)
+    raws = {kib: rates(seconds) for kib, seconds in res.raw.items()}
+    raw = next(iter(raws.values()))
     floors = []
     for s, seconds in res.floor.items():
         f = rates(seconds)
@@ -368,14 +374,17 @@ def summarize(res: Results, args: argparse.Namespace) -> dict[str, Any]:
         share = {k: v / mid.end_to_end for k, v in mid.phases.items()}
         rows.append({
             "blocks_in_flight": s.blocks_in_flight, "request_kib": s.request_kib,
-            "end_to_end": {**e2e, "ratio": e2e["mib_s"] / raw["mib_s"]},
+            "end_to_end": {**e2e, "ratio": e2e["mib_s"] / raw["mib_s"],
+                           "ratio_by_raw_chunk_kib": {kib: e2e["mib_s"] / r["mib_s"] for kib, r in raws.items()}},
             "download": {**dl, "ratio": dl["mib_s"] / raw["mib_s"]},
             "phase_share_of_end_to_end": share,
             "requests": ds[0].requests, "retries": sum(d.retries for d in ds),
             "target_met": e2e["mib_s"] / raw["mib_s"] >= TARGET_RATIO,
         })
     return {"bundle_bytes": res.size, "repeat": args.repeat, "warmup": args.warmup, "server": args.server,
-            "raw_chunk": RAW_CHUNK, "target_ratio": TARGET_RATIO, "raw": {**raw, "ratio": 1.0}, "floor": floors, "edgeship": rows}
+            "raw_chunk": args.raw_kib[0] * KiB, "target_ratio": TARGET_RATIO, "raw": {**raw, "ratio": 1.0},
+            "raw_rows": [{"chunk_kib": kib, **r, "ratio": r["mib_s"] / raw["mib_s"]} for kib, r in raws.items()],
+            "floor": floors, "edgeship": rows}
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -388,7 +397,8 @@ def print_table(summary: dict[str, Any]) -> None:
     def line(label: str, r: dict[str, Any]) -> None:
         print(f"  {label:<58} {r['mib_s']:8.1f} {r['min']:7.1f}-{r['max']:<7.1f} {r['ratio']:6.2f}x")
 
-    line(f"raw paho stream (QoS 1, {summary['raw_chunk'] // KiB} KiB chunks)", summary["raw"])
+    for r in summary["raw_rows"]:
+        line(f"raw paho stream (QoS 1, {r['chunk_kib']} KiB chunks)", r)
     for f in summary["floor"]:
         line(f"floor: bare paho req/resp + same work ({f['blocks_in_flight']} x {f['request_kib']} KiB)", f)
     for row in summary["edgeship"]:
@@ -408,8 +418,11 @@ def print_table(summary: dict[str, Any]) -> None:
     for row in summary["edgeship"]:
         ratio = row["end_to_end"]["ratio"]
         verdict = "MET" if row["target_met"] else "NOT MET"
+        others = "".join(f"; {r:.2f}x of the {kib} KiB-chunk stream"
+                         for kib, r in list(row["end_to_end"]["ratio_by_raw_chunk_kib"].items())[1:])
         print(f"target: edgeship end-to-end >= {summary['target_ratio']:.1f}x raw with "
-              f"{row['blocks_in_flight']} x {row['request_kib']} KiB: {verdict} ({ratio:.2f}x)")
+              f"{row['blocks_in_flight']} x {row['request_kib']} KiB: {verdict} ({ratio:.2f}x of the "
+              f"{summary['raw_chunk'] // KiB} KiB-chunk stream{others})")
 
 
 def int_list(text: str) -> list[int]:
@@ -431,6 +444,10 @@ def main() -> None:
                     help=f"comma-separated list (default {defaults.blocks_in_flight}, the agent's default)")
     ap.add_argument("--request-kib", type=int_list, default=[defaults.request_bytes // KiB],
                     help=f"comma-separated list (default {defaults.request_bytes // KiB}, the agent's; max 1024)")
+    ap.add_argument("--raw-kib", type=int_list, default=[BLOCK_SIZE // KiB, defaults.request_bytes // KiB],
+                    help=f"comma-separated chunk sizes of the raw stream, the first the reference for the ratios "
+                         f"(default {BLOCK_SIZE // KiB},{defaults.request_bytes // KiB}: the repository's block size, "
+                         "the agent's request size)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured raw + edgeship runs first (default 1)")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the bare request/response floor (bench/rrfloor.py; default on)")
@@ -440,8 +457,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress lines on stderr")
     args = ap.parse_args()
-    if args.repeat < 1 or args.size_mib < 1 or args.warmup < 0:
-        ap.error("--repeat and --size-mib must be at least 1, --warmup at least 0")
+    args.raw_kib = list(dict.fromkeys(args.raw_kib))
+    if args.repeat < 1 or args.size_mib < 1 or args.warmup < 0 or max(args.raw_kib) > 1024:
+        ap.error("--repeat and --size-mib must be at least 1, --warmup at least 0, --raw-kib 1-1024")
     block_kib = BLOCK_SIZE // KiB
     if any(k > 1024 or k % block_kib for k in args.request_kib):
         ap.error(f"--request-kib must be a multiple of the repository's {block_kib} KiB block size, at most 1024 "
