@@ -21,7 +21,7 @@ Example (see examples/agent/agent.toml)::
     accelerators = []
 
     [limits]
-    request_timeout = 10
+    request_timeout = 20
     download_deadline = 3600
 
 Relative paths are relative to the file. Unknown keys are errors (a typo must

@@ -55,9 +55,10 @@ from tests.updatechannel import (EvilServer, agent_config, make_repo, now, runni
 BIN = Path(sys.executable).parent
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 SLOW_LINK: dict[str, float] = {"request_timeout": 2, "request_retries": 5, "blocks_in_flight": 4,
-                               "record_flush_interval": 0.05}
+                               "request_bytes": BLOCK_SIZE, "record_flush_interval": 0.05}
 """Agent limits for the tests that act mid-download: with EvilServer's ``delay`` the bundle's 29 blocks
-arrive 4 at a time over ~2 s, and the record is flushed as they come."""
+arrive 4 at a time over ~2 s, one block per request (so requests count blocks), and the record is
+flushed as they come."""
 
 
 # --- fixtures and helpers -----------------------------------------------------------------
@@ -247,9 +248,9 @@ def test_broker_restart_mid_download_resumes_without_refetching(broker: Broker, 
 
 def test_a_link_slower_than_the_window_downloads_without_asking_twice(broker: Broker, tmp_path: Path,  # noqa: F811
                                                                      release_key: KeyPair, big_bundle: Path) -> None:
-    """A device whose downlink carries 2 MiB/s, with the default 16 requests of 256 KiB in flight: the
+    """A device whose downlink carries 2 MiB/s, with the default 8 requests of 512 KiB in flight: the
     last reply of a window arrives 2 s after its request, past the 1 s request timeout. Replies keep
-    arriving meanwhile, so no request is asked again (each would only add 256 KiB to the queue on the
+    arriving meanwhile, so no request is asked again (each would only add 512 KiB to the queue on the
     slow link): every block is requested once and the bundle is staged."""
     repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
     state = tmp_path / "state"
@@ -269,7 +270,8 @@ def test_a_link_slower_than_the_window_downloads_without_asking_twice(broker: Br
     assert agent.config.limits.blocks_in_flight * agent.config.limits.request_bytes >= 4 * 1024 * 1024
     stats = agent.status.downloads[-1]
     assert len(agent.status.downloads) == 1 and stats.retries == 0
-    assert sorted(bundle_block_offsets(ev, "dev-slow", big_bundle)) == [i * BLOCK_SIZE for i in range(total)]
+    step = agent.config.limits.request_bytes // BLOCK_SIZE * BLOCK_SIZE
+    assert sorted(bundle_block_offsets(ev, "dev-slow", big_bundle)) == list(range(0, total * BLOCK_SIZE, step))
     assert staged.files["1.0.0"] == big_bundle.read_bytes()
 
 
