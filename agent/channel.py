@@ -22,6 +22,7 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ class ChannelStats:
     bytes_in: int = 0
 
 
-_EARLY = 0.001
+_EARLY = 2 * time.get_clock_info("monotonic").resolution + 0.001
 """Seconds a timer may fire before its time (asyncio runs a handle up to the clock's resolution
 early: 15.6 ms on Windows) and still count as on time, so an expiry does not re-arm in a loop."""
 

@@ -47,7 +47,7 @@ class UpdateLimits:
     """Seconds with no reply before asking again: once a request sent later has been answered, or
     once no request at all has been answered for that long (a request queued behind the replies
     to earlier ones on a slow link waits while they arrive). It must cover one reply on the
-    slowest link: 512 KiB in 20 s is 25 KiB/s."""
+    slowest link: 512 KiB in 20 s needs about 26 KiB/s."""
     request_retries: int = 5
     """Attempts per request before the download gives up (a link error, resumed later)."""
     blocks_in_flight: int = 8

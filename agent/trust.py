@@ -69,14 +69,17 @@ class MqttFetcher(FetcherInterface):
         for _ in range(self._limits.request_retries):
             fut = asyncio.run_coroutine_threadsafe(
                 self._channel.request(req, timeout=self._limits.request_timeout), self._loop)
+            # The channel ends every request (a reply, RequestTimeout, ChannelClosed) in about
+            # request_timeout: the refresh runs before any download, so nothing queues ahead of
+            # it (publishing may add aiomqtt's own 10 s). Past that the loop is stuck.
+            cap = 2 * self._limits.request_timeout + 10
             try:
-                # The channel ends every request (a reply, RequestTimeout, ChannelClosed), but one
-                # queued behind a download's replies on a slow link may wait past request_timeout.
-                return fut.result(self._limits.download_deadline)
+                return fut.result(cap)
             except concurrent.futures.TimeoutError:
+                if fut.done():  # the coroutine's own TimeoutError (one class since 3.11)
+                    raise
                 fut.cancel()
-                raise RequestTimeout(f"no reply to {req.op} request within "
-                                     f"{self._limits.download_deadline:g} s") from None
+                raise RequestTimeout(f"no reply to {req.op} request within {cap:g} s") from None
             except LinkError as e:
                 last = e
                 req = type(req)(**{**req.__dict__, "id": Channel.new_id()})

@@ -375,7 +375,7 @@ def summarize(res: Results, args: argparse.Namespace) -> dict[str, Any]:
         rows.append({
             "blocks_in_flight": s.blocks_in_flight, "request_kib": s.request_kib,
             "end_to_end": {**e2e, "ratio": e2e["mib_s"] / raw["mib_s"],
-                           "ratio_by_raw_chunk_kib": {kib: e2e["mib_s"] / r["mib_s"] for kib, r in raws.items()}},
+                           "ratio_by_raw_chunk_kib": {str(kib): e2e["mib_s"] / r["mib_s"] for kib, r in raws.items()}},
             "download": {**dl, "ratio": dl["mib_s"] / raw["mib_s"]},
             "phase_share_of_end_to_end": share,
             "requests": ds[0].requests, "retries": sum(d.retries for d in ds),

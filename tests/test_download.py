@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,9 @@ def test_a_slow_link_busy_with_replies_times_no_request_out(tmp_path: Path) -> N
 
 
 def test_a_reply_lost_on_a_busy_slow_link_is_asked_again_once_a_later_request_is_answered(tmp_path: Path) -> None:
+    """Block 2's reply is lost on a slow link (replies 0.12 s apart, 0.3 s timeout): the replies
+    before it say nothing, but block 3's says it is lost, so it is asked again while the link is
+    still busy with the rest, not once the link goes quiet at the end."""
     data = payload()
     server, target = setup(data, link_interval=0.12, drop_first={2 * 4096})
     stats = DownloadStats()
@@ -134,7 +138,9 @@ def test_a_reply_lost_on_a_busy_slow_link_is_asked_again_once_a_later_request_is
         return await download(server.attach(), target, tmp_path, FAST, stats=stats)  # type: ignore[arg-type]
 
     assert run(go()).read_bytes() == data
-    assert stats.retries == 1 and len(server.block_requests()) == target.blocks + 1  # type: ignore[attr-defined]
+    offsets = [r.offset for r in server.block_requests()]
+    assert stats.retries == 1 and len(offsets) == target.blocks + 1  # type: ignore[attr-defined]
+    assert offsets.index(2 * 4096, offsets.index(2 * 4096) + 1) < len(offsets) - 2, offsets
 
 
 def test_a_reply_lost_on_a_busy_link_is_asked_again_without_waiting_for_the_rest(tmp_path: Path) -> None:
@@ -588,13 +594,16 @@ def test_the_metadata_fetcher_turns_a_wait_past_its_cap_into_a_link_error() -> N
     from agent.trust import MqttFetcher
 
     server = FakeServer(silent_after=0)
-    limits = UpdateLimits(request_timeout=30, download_deadline=0.2)
+    limits = UpdateLimits(request_timeout=0.05)  # the channel's own timer never runs: the loop is blocked
 
     async def go() -> None:
         channel = server.attach()
         fetcher = MqttFetcher(channel, asyncio.get_running_loop(), limits)
-        with pytest.raises(RequestTimeout, match="within 0.2 s"):
-            await asyncio.to_thread(lambda: b"".join(fetcher._fetch("edgeship-meta:/1.root.json")))
+        worker = asyncio.ensure_future(asyncio.to_thread(lambda: b"".join(fetcher._fetch("edgeship-meta:/1.root.json"))))
+        await asyncio.sleep(0.01)
+        time.sleep(10.2)  # the loop stuck past the fetcher's cap (2 x 0.05 + 10 s)
+        with pytest.raises(RequestTimeout, match="within 10.1 s"):
+            await worker
         await asyncio.sleep(0.01)
         assert channel._pending == {}
 
