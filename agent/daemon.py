@@ -332,7 +332,7 @@ class Agent:
                 self._refuse(state, rel, verdict)  # the check stopped the download: the bundle is bad
             raise
         self._event("downloaded", model=model, version=rel.version, blocks=stats.blocks_fetched,
-                    resumed=stats.blocks_resumed)
+                    resumed=stats.blocks_resumed, requests=stats.requests, narrowed=stats.narrowed)
         try:
             await checking
         except BadData as e:

@@ -102,6 +102,9 @@ class DownloadStats:
     retries: int = 0
     bytes_fetched: int = 0
     fetched_offsets: list[int] = field(default_factory=list)
+    narrowed: int = 0
+    """Requests the server refused as too long (its ``--block-limit`` under ``request_bytes``),
+    each asked again as requests of half as many blocks."""
 
 
 class Progress:
@@ -429,7 +432,9 @@ class _Blocks:
         self._stats = stats
         self._progress = progress
         """With one, a GrowingReader checks the blocks (the event loop only writes them)."""
-        self._todo = deque(_spans(target, record.done, max(1, limits.request_bytes // target.block_size)))
+        self._per_request = max(1, limits.request_bytes // target.block_size)
+        """Blocks per request: ``request_bytes``, or fewer once the server refused that many."""
+        self._todo = deque(_spans(target, record.done, self._per_request))
         self._asked: set[str] = set()
         """Ids of the requests in flight."""
         self._received_cap = int(target.length * limits.max_received_ratio) + MAX_BLOCK
@@ -479,6 +484,9 @@ class _Blocks:
     def _ask_next(self) -> None:
         if self._todo:
             first, count = self._todo.popleft()
+            if count > self._per_request:
+                self._todo.appendleft((first + self._per_request, count - self._per_request))
+                count = self._per_request
             self._ask(first, count, 1)
 
     def _ask(self, first: int, count: int, attempt: int) -> None:
@@ -500,6 +508,9 @@ class _Blocks:
             self._retry(first, count, attempt, LinkError(f"server error for {self._target.path} at "
                                                          f"{req.offset}: {reply.message}"))
             return
+        if reply.status == "bad_request" and count > 1:
+            self._narrow(req, first, count, reply.message)
+            return
         try:
             self._check_reply(req, reply)
             self._ask_next()  # keep the window full while this block is written
@@ -518,6 +529,19 @@ class _Blocks:
         else:
             log.debug("block at %d of %s: %s (attempt %d)", req.offset, self._target.path, err, attempt)
             self._retry(first, count, attempt, err)
+
+    def _narrow(self, req: BlockRequest, first: int, count: int, message: str) -> None:
+        """The server refused a request of several blocks (its block limit is lower than this
+        device's ``request_bytes``): ask for them again, and for the rest, half as many at a time.
+        A refusal of a single block still ends the download. A forged refusal costs only more,
+        smaller requests: every block is still checked against TUF."""
+        if count // 2 < self._per_request:
+            self._per_request = count // 2
+            log.info("%s: the server refused a %d-byte request (%s); asking for %d bytes at a time",
+                     self._target.path, req.length, message, self._per_request * self._target.block_size)
+        self._stats.narrowed += 1
+        self._todo.appendleft((first, count))
+        self._ask_next()
 
     def _retry(self, first: int, count: int, attempt: int, err: LinkError) -> None:
         if attempt >= self._limits.request_retries:

@@ -38,6 +38,8 @@ class FakeServer:
     drop_first: set[int] = field(default_factory=set)
     """Offsets whose first request goes unanswered (a lost message)."""
     drop_always: set[int] = field(default_factory=set)
+    max_length: int | None = None
+    """Longest block request answered; longer ones get bad_request (a server's --block-limit)."""
     """Offsets never answered."""
     duplicate: bool = False
     reorder: bool = False
@@ -105,6 +107,9 @@ class FakeServer:
             return []
         if req.offset in self.drop_always:
             return []
+        if self.max_length is not None and req.length > self.max_length:
+            return [encode_reply(Reply(id=req.id, status="bad_request",
+                                       message=f"block length {req.length} is over this server's limit"))]
         data = self.files.get(req.path)
         if data is None:
             return [encode_reply(Reply(id=req.id, status="not_found", message="no such target"))]

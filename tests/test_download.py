@@ -608,3 +608,35 @@ def test_the_metadata_fetcher_turns_a_wait_past_its_cap_into_a_link_error() -> N
         assert channel._pending == {}
 
     run(go())
+
+
+@pytest.mark.parametrize("limit_blocks", [1, 2, 3])
+def test_requests_longer_than_the_server_takes_are_asked_again_smaller(tmp_path: Path, limit_blocks: int) -> None:
+    """A server whose block limit is under the device's request size (an older or stricter
+    deployment) answers bad_request: the device asks again for half as many blocks at a time,
+    down to what the server takes, and the download completes with every block once."""
+    data = payload(20 * 4096 + 99)
+    server, target = setup(data, max_length=limit_blocks * 4096)
+    limits = UpdateLimits(request_timeout=1, blocks_in_flight=3, request_bytes=8 * 4096)
+    stats = DownloadStats()
+
+    async def go() -> Path:
+        return await download(server.attach(), target, tmp_path, limits, stats=stats)  # type: ignore[arg-type]
+
+    assert run(go()).read_bytes() == data
+    served = [r for r in server.block_requests() if r.length <= limit_blocks * 4096]
+    assert sorted(r.offset for r in served) == list(range(0, len(data), served[0].length))  # each block once
+    assert stats.narrowed >= 1 and stats.retries == 0
+
+
+def test_a_refused_single_block_still_ends_the_download(tmp_path: Path) -> None:
+    server, target = setup(payload(), max_length=100)
+    stats = DownloadStats()
+
+    async def go() -> None:
+        await download(server.attach(), target, tmp_path, UpdateLimits(request_timeout=1, blocks_in_flight=1, request_bytes=4 * 4096),
+                       stats=stats)  # type: ignore[arg-type]
+
+    with pytest.raises(BlockRejected, match="bad_request"):
+        run(go())
+    assert stats.narrowed == 2  # 4 blocks, then 2, then 1: refused

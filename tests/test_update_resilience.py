@@ -49,8 +49,8 @@ from tests.conftest import KeyPair, build
 from tests.modelfactory import onnx_mlp
 from tests.mosquitto import Broker, amqtt_broker, broker, free_port, stop_process  # noqa: F401 - fixture
 from tests.slowlink import slow_link
-from tests.updatechannel import (EvilServer, agent_config, make_repo, now, running_agent, running_server,
-                                 trusted_snapshot, wait_for)
+from tests.updatechannel import (FAST_SERVER, EvilServer, agent_config, make_repo, now, running_agent,
+                                 running_server, trusted_snapshot, wait_for)
 
 BIN = Path(sys.executable).parent
 AGENT = Path(__file__).resolve().parent.parent / "agent"
@@ -244,6 +244,30 @@ def test_broker_restart_mid_download_resumes_without_refetching(broker: Broker, 
     assert staged.files["1.0.0"] == big_bundle.read_bytes()
     assert not (state / "downloads" / f"{sha}.record.json").exists()
     assert not (state / "downloads" / f"{sha}.part").exists()
+
+
+def test_a_server_with_a_lower_block_limit_still_serves_a_default_device(broker: Broker, tmp_path: Path,  # noqa: F811
+                                                                         release_key: KeyPair, big_bundle: Path) -> None:
+    """A server started with --block-limit of one block (256 KiB; an older or stricter deployment)
+    refuses the device's default 512 KiB requests with bad_request: the device asks for one block
+    at a time from then on, and the bundle is staged with every block fetched once."""
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
+    state = tmp_path / "state"
+    staged = StagedBundles(state)
+    cfg = agent_config(broker.url, state, anchor(repo), device="dev-narrow", models=("big",))
+    assert cfg.limits.request_bytes > BLOCK_SIZE
+
+    async def scenario() -> Agent:
+        limits = dataclasses.replace(FAST_SERVER, max_block=BLOCK_SIZE)
+        async with running_server(repo, broker.url, limits=limits), running_agent(cfg, staged) as agent:
+            await wait_for(lambda: held_version(state, "big") == "1.0.0", 60, "bundle staged from the narrow server")
+            return agent
+
+    agent = asyncio.run(scenario())
+    stats = agent.status.downloads[-1]
+    assert staged.files["1.0.0"] == big_bundle.read_bytes()
+    assert len(agent.status.downloads) == 1 and stats.narrowed >= 1
+    assert stats.blocks_fetched == -(-big_bundle.stat().st_size // BLOCK_SIZE)
 
 
 def test_a_link_slower_than_the_window_downloads_without_asking_twice(broker: Broker, tmp_path: Path,  # noqa: F811
