@@ -77,12 +77,10 @@ class Channel:
         self._send = send
         self._max_body = max_body
         self._pending: dict[str, _Pending] = {}
-        self._sent = 0
-        """Requests sent so far: the next one's place in the order they went out."""
         self._last_answer = -math.inf
         """Loop time of the last reply that answered a pending request."""
         self._answered = -1
-        """Place of the latest-sent request answered so far."""
+        """Place (``stats.requests`` when it was sent) of the latest-sent request answered so far."""
         self.stats = ChannelStats()
 
     @staticmethod
@@ -159,8 +157,7 @@ class Channel:
 
     def _expect(self, req: MetaRequest | BlockRequest, timeout: float, on_reply: OnReply, on_error: OnError) -> None:
         timer = asyncio.get_running_loop().call_later(timeout, self._expire, req, timeout)
-        self._pending[req.id] = _Pending(on_reply, on_error, timer, self._sent)
-        self._sent += 1
+        self._pending[req.id] = _Pending(on_reply, on_error, timer, self.stats.requests)
         self.stats.requests += 1
 
     def _expire(self, req: MetaRequest | BlockRequest, timeout: float) -> None:

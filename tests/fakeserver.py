@@ -38,9 +38,9 @@ class FakeServer:
     drop_first: set[int] = field(default_factory=set)
     """Offsets whose first request goes unanswered (a lost message)."""
     drop_always: set[int] = field(default_factory=set)
+    """Offsets never answered."""
     max_length: int | None = None
     """Longest block request answered; longer ones get bad_request (a server's --block-limit)."""
-    """Offsets never answered."""
     duplicate: bool = False
     reorder: bool = False
     truncate: bool = False

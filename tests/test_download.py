@@ -624,8 +624,8 @@ def test_a_refused_single_block_still_ends_the_download(tmp_path: Path) -> None:
     stats = DownloadStats()
 
     async def go() -> None:
-        await download(server.attach(), target, tmp_path, UpdateLimits(request_timeout=1, blocks_in_flight=1, request_bytes=4 * 4096),
-                       stats=stats)  # type: ignore[arg-type]
+        limits = UpdateLimits(request_timeout=1, blocks_in_flight=1, request_bytes=4 * 4096)
+        await download(server.attach(), target, tmp_path, limits, stats=stats)  # type: ignore[arg-type]
 
     with pytest.raises(BlockRejected, match="bad_request"):
         run(go())
