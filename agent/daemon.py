@@ -278,7 +278,10 @@ class Agent:
 
     async def refresh(self, channel: Channel) -> TrustedView:
         fetcher = MqttFetcher(channel, asyncio.get_running_loop(), self.config.limits)
-        view = await asyncio.to_thread(self.tuf.refresh, fetcher)
+        try:
+            view = await asyncio.to_thread(self.tuf.refresh, fetcher)
+        finally:
+            fetcher.close()
         self.status.timestamp_version = view.timestamp_version
         return view
 

@@ -57,21 +57,38 @@ class MqttFetcher(FetcherInterface):
     Called from the Updater's worker thread; each request runs on ``loop``.
     "Not found" becomes ``DownloadHTTPError(404)`` so python-tuf learns at once
     that root N+1 does not exist.
+
+    With each root probe it also asks for ``timestamp.json``, which python-tuf
+    always fetches next once the probe finds no newer root: a refresh with
+    nothing new takes one round trip instead of two, and a refresh that finds
+    a new release one fewer. The early answer is only a transport shortcut:
+    python-tuf verifies it as if fetched in turn. It is used only if that very
+    probe found no newer root (else it is dropped and asked again with the next
+    probe), so it is never checked against a root older than the newest.
     """
+
+    TIMESTAMP = "timestamp.json"
 
     def __init__(self, channel: Channel, loop: asyncio.AbstractEventLoop, limits: UpdateLimits) -> None:
         self._channel = channel
         self._loop = loop
         self._limits = limits
+        self._early: concurrent.futures.Future[Any] | None = None
+        """The timestamp asked for with the last root probe that found no newer root."""
 
-    def _call(self, req: MetaRequest | BlockRequest) -> Any:
+    def _submit(self, req: MetaRequest | BlockRequest) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(
+            self._channel.request(req, timeout=self._limits.request_timeout), self._loop)
+
+    def _call(self, req: MetaRequest | BlockRequest, fut: concurrent.futures.Future[Any] | None = None) -> Any:
+        """The reply to ``req`` (already submitted as ``fut``, if given), asked again with a new
+        id after a link error, up to ``request_retries`` attempts in all."""
         last: Exception | None = None
         for _ in range(self._limits.request_retries):
-            fut = asyncio.run_coroutine_threadsafe(
-                self._channel.request(req, timeout=self._limits.request_timeout), self._loop)
+            fut = fut if fut is not None else self._submit(req)
             # The channel ends every request (a reply, RequestTimeout, ChannelClosed) in about
             # request_timeout: the refresh runs before any download, so nothing queues ahead of
-            # it (publishing may add aiomqtt's own 10 s). Past that the loop is stuck.
+            # it (publishing may add aiomqtt's own 10 s). Past that the loop is stuck: no retry.
             cap = 2 * self._limits.request_timeout + 10
             try:
                 return fut.result(cap)
@@ -81,14 +98,42 @@ class MqttFetcher(FetcherInterface):
                 fut.cancel()
                 raise RequestTimeout(f"no reply to {req.op} request within {cap:g} s") from None
             except LinkError as e:
-                last = e
+                last, fut = e, None
                 req = type(req)(**{**req.__dict__, "id": Channel.new_id()})
         raise LinkError(f"no answer for {req.op} request: {last}")
+
+    def close(self) -> None:
+        """Forget an early timestamp python-tuf did not ask for (it stopped before it)."""
+        if self._early is not None:
+            self._early.cancel()
+            self._early = None
+
+    def _meta(self, name: str) -> Any:
+        early, self._early = self._early, None
+        if name == self.TIMESTAMP and early is not None:
+            return self._call(MetaRequest(id=Channel.new_id(), name=name), early)
+        if early is not None:
+            early.cancel()
+        if not name.endswith(".root.json"):
+            return self._call(MetaRequest(id=Channel.new_id(), name=name))
+        req = MetaRequest(id=Channel.new_id(), name=name)
+        fut = self._submit(req)
+        early = self._submit(MetaRequest(id=Channel.new_id(), name=self.TIMESTAMP))
+        try:
+            reply = self._call(req, fut)
+        except BaseException:
+            early.cancel()
+            raise
+        if reply.status == "not_found":
+            self._early = early
+        else:
+            early.cancel()
+        return reply
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if url.startswith(META_URL):
             name = url[len(META_URL):]
-            reply = self._call(MetaRequest(id=Channel.new_id(), name=name))
+            reply = self._meta(name)
             self._check_status(reply, name)
             yield bytes(reply.body)
             return

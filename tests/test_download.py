@@ -600,6 +600,86 @@ def test_the_metadata_fetcher_turns_a_wait_past_its_cap_into_a_link_error() -> N
     run(go())
 
 
+def _fetch_meta(fetcher: object, name: str) -> bytes | None:
+    """What python-tuf gets for ``name``: its bytes, or None for "not found"."""
+    from tuf.api.exceptions import DownloadHTTPError
+
+    from agent.trust import META_URL
+
+    try:
+        return b"".join(fetcher._fetch(META_URL + name))  # type: ignore[attr-defined]
+    except DownloadHTTPError as e:
+        assert e.status_code == 404
+        return None
+
+
+def test_a_root_probe_brings_the_timestamp_in_the_same_round_trip() -> None:
+    """python-tuf asks for timestamp.json once the probe for root N+1 finds none: the fetcher asks
+    for both at once, so a refresh with nothing new costs one round trip, not two."""
+    from agent.trust import MqttFetcher
+
+    server = FakeServer(meta={"timestamp.json": b"ts"}, delay=0.2)
+    asked_when_delivered: list[list[str]] = []
+
+    async def go() -> list[bytes | None]:
+        channel = server.attach()
+        deliver = channel.deliver
+
+        def logged(payload: bytes) -> None:
+            asked_when_delivered.append([r.name for r in server.requests])  # type: ignore[union-attr]
+            deliver(payload)
+
+        channel.deliver = logged  # type: ignore[method-assign]
+        fetcher = MqttFetcher(channel, asyncio.get_running_loop(), UpdateLimits(request_timeout=5))
+        return await asyncio.to_thread(lambda: [_fetch_meta(fetcher, "2.root.json"),
+                                                _fetch_meta(fetcher, "timestamp.json")])
+
+    assert run(go()) == [None, b"ts"]
+    assert sorted(r.name for r in server.requests) == ["2.root.json", "timestamp.json"]  # type: ignore[union-attr]
+    assert len(asked_when_delivered[0]) == 2  # both were asked before the first reply came
+
+
+def test_a_timestamp_asked_with_a_probe_that_found_a_newer_root_is_asked_again() -> None:
+    """Only the timestamp asked with the probe that ends the root chain is used, so it is never one
+    fetched before the newest root was known (python-tuf checks it against that root)."""
+    from agent.trust import MqttFetcher
+
+    server = FakeServer(meta={"2.root.json": b"root 2", "timestamp.json": b"old"})
+
+    async def go() -> list[bytes | None]:
+        fetcher = MqttFetcher(server.attach(), asyncio.get_running_loop(), UpdateLimits(request_timeout=5))
+
+        def tuf_side() -> list[bytes | None]:
+            got = [_fetch_meta(fetcher, "2.root.json")]
+            server.meta["timestamp.json"] = b"new"  # the repository moved on after root 2 was read
+            return got + [_fetch_meta(fetcher, "3.root.json"), _fetch_meta(fetcher, "timestamp.json")]
+
+        return await asyncio.to_thread(tuf_side)
+
+    assert run(go()) == [b"root 2", None, b"new"]
+    names = [r.name for r in server.requests]  # type: ignore[union-attr]
+    assert names.count("timestamp.json") == 2 and names.count("3.root.json") == 1
+
+
+def test_an_early_timestamp_nobody_asks_for_is_forgotten() -> None:
+    """python-tuf may stop after the root probe (an expired root): ``close`` drops the early
+    timestamp's request while it is still unanswered."""
+    from agent.trust import MqttFetcher
+
+    server = FakeServer(meta={"timestamp.json": b"ts"}, silent_after=1)  # the root probe is answered
+
+    async def go() -> None:
+        channel = server.attach()
+        fetcher = MqttFetcher(channel, asyncio.get_running_loop(), UpdateLimits(request_timeout=5))
+        assert await asyncio.to_thread(_fetch_meta, fetcher, "2.root.json") is None
+        assert len(channel._pending) == 1 and server.requests[-1].name == "timestamp.json"  # type: ignore[union-attr]
+        fetcher.close()
+        await asyncio.sleep(0.01)
+        assert channel._pending == {}
+
+    run(go())
+
+
 @pytest.mark.parametrize("limit_blocks", [1, 2, 3])
 def test_requests_longer_than_the_server_takes_are_asked_again_smaller(tmp_path: Path, limit_blocks: int) -> None:
     """A server whose block limit is under the device's request size (an older or stricter
