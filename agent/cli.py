@@ -9,7 +9,7 @@ import click
 
 from agent import __version__
 from agent.bundle import describe, opened_bundle
-from agent.cliutil import echo_json, json_option, run_cli
+from agent.cliutil import EXIT_INTERRUPTED, echo_json, json_option, run_cli
 from agent.errors import UsageError
 from agent.keys import load_public_key
 
@@ -65,21 +65,43 @@ def run(config_path: Path, once: bool, log_level: str, as_json: bool) -> None:
     config = load_config(config_path)
     agent = Agent(config)
 
-    async def main_loop() -> int:
+    async def main_loop() -> int | None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if once:
-            return await agent.run_once()
+            return await _unless_stopped(agent.run_once(), stop)
         await agent.run(stop)
         return 0
 
     rc = asyncio.run(main_loop())
+    if rc is None:
+        click.echo("error: interrupted: the update cycle stopped (a partial download resumes on the next run)",
+                   err=True)
+        raise SystemExit(EXIT_INTERRUPTED)
     if once:
         _print_status(config, agent.store, as_json, timestamp_version=agent.status.timestamp_version)
     if rc:
         raise SystemExit(rc)
+
+
+async def _unless_stopped(cycle: Any, stop: Any) -> int | None:
+    """Await ``cycle`` (a coroutine), or cancel it once ``stop`` is set and return None: what it
+    downloaded is kept, as after a power cut."""
+    import asyncio
+
+    task = asyncio.ensure_future(cycle)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return int(task.result())
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 def _model_summary(st: Any) -> dict[str, Any]:

@@ -425,9 +425,9 @@ def write_agent_toml(directory: Path, repo: Path, broker_url: str, *, device: st
     return cfg
 
 
-def start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_agent(cfg: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([*cli("edgeship-agent", "agent.cli"), "run", "--config", cfg.name],
+        return subprocess.Popen([*cli("edgeship-agent", "agent.cli"), "run", "--config", cfg.name, *args],
                                 cwd=cfg.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -485,6 +485,45 @@ def test_agent_sigkill_mid_download_resumes_after_restart(broker: Broker, tmp_pa
     if staged_file.exists():  # not yet installed (an install extracts it and removes it)
         assert staged_file.read_bytes() == big_bundle.read_bytes()
     assert not re.search(r"^(ERROR|WARNING|INFO agent\.daemon: error )", second, re.M), second
+
+
+@pytest.mark.parametrize("once", [False, True], ids=["run", "run-once"])
+def test_sigterm_while_a_refresh_waits_for_a_reply_stops_the_agent_at_once(broker: Broker, tmp_path: Path,  # noqa: F811
+                                                                          release_key: KeyPair, big_bundle: Path,
+                                                                          once: bool) -> None:
+    """No server answers, so the agent's first refresh waits on its root probe (request_timeout 30 s,
+    3 attempts). SIGTERM must stop it at once: ``run`` ends its session and exits 0; ``run --once``
+    abandons its cycle and exits 130 with one line (it used to finish the cycle first, here after
+    3 x 30 s)."""
+    repo = make_repo(tmp_path / "repo", release_key.public, big_bundle)
+    device = "dev-term"
+    cfg = write_agent_toml(tmp_path / "device", repo, broker.url, device=device, model="big",
+                           limits={"request_timeout": 30, "request_retries": 3})
+    log = tmp_path / "agent.log"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def first_request() -> bytes:
+        async with make_client(parse_broker_url(broker.url), identifier="spy") as spy:
+            await spy.subscribe(req_topic(device), qos=1)
+            procs.append(start_agent(cfg, log, *(["--once"] if once else [])))
+            msg = await asyncio.wait_for(anext(aiter(spy.messages)), 30)
+            return bytes(msg.payload)  # type: ignore[arg-type]
+
+    try:
+        assert decode_request(asyncio.run(first_request())).op == "meta"
+        procs[0].send_signal(signal.SIGTERM)
+        try:
+            rc = procs[0].wait(10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent did not stop within 10 s of SIGTERM:\n{log_text(log)}") from None
+    finally:
+        for p in procs:
+            stop_process(p, signal.SIGKILL)
+    if once:
+        assert rc == 130, log_text(log)
+        assert log_text(log).strip().splitlines()[-1].startswith("error: interrupted: the update cycle stopped")
+    else:
+        assert rc == 0, log_text(log)
 
 
 # --- 3. two servers, one dies mid-download ------------------------------------------------------
