@@ -69,13 +69,18 @@ def run(config_path: Path, once: bool, log_level: str, as_json: bool) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop_requested, stop)
         if once:
             return await _unless_stopped(agent.run_once(), stop)
         await agent.run(stop)
         return 0
 
-    rc = asyncio.run(main_loop())
+    import faulthandler
+
+    try:
+        rc = asyncio.run(main_loop())
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     if rc is None:
         click.echo("error: interrupted: the update cycle stopped (a partial download resumes on the next run)",
                    err=True)
@@ -84,6 +89,20 @@ def run(config_path: Path, once: bool, log_level: str, as_json: bool) -> None:
         _print_status(config, agent.store, as_json, timestamp_version=agent.status.timestamp_version)
     if rc:
         raise SystemExit(rc)
+
+
+STOP_STACKS_AFTER = 5.0
+"""Seconds after SIGTERM/SIGINT past which a still-running agent writes every thread's stack to
+stderr (its log): where it waits, if stopping ever takes longer than it should."""
+
+
+def stop_requested(stop: Any, *, stacks_after: float = STOP_STACKS_AFTER) -> None:
+    """The signal handler: set ``stop``; the first time, arm the stack dump."""
+    import faulthandler
+
+    if not stop.is_set():
+        faulthandler.dump_traceback_later(stacks_after, exit=False)
+    stop.set()
 
 
 async def _unless_stopped(cycle: Any, stop: Any) -> int | None:

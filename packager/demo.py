@@ -181,6 +181,10 @@ class Demo:
         self.result.children = step.detail
         if report.killed:
             self.say.note(f"did not stop on SIGTERM, killed: {', '.join(report.killed)}")
+            for name, tail in report.killed_tails.items():
+                if tail:
+                    lines = "\n".join(f"    {t}" for t in tail.splitlines())
+                    self.say.event(f"last lines of {name}.log:\n{lines}")
         if cleared:
             self.say.note(f"cleared {cleared} retained state/presence messages of the demo devices")
         if report.left_running:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TypeVar
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOG_TAIL_LINES = 12
+KILLED_TAIL_LINES = 60
+"""Log lines kept of a child that had to be killed: enough for an agent's thread stacks."""
 
 # Run a module as __main__ after asking for SIGTERM when the parent (the demo) dies; exit at once if
 # the parent is already gone. On systems without prctl the demo's own cleanup is all there is.
@@ -103,6 +105,9 @@ class StopReport:
     """Children that needed SIGKILL."""
     left_running: tuple[str, ...]
     """Children still alive afterwards (should never happen)."""
+    killed_tails: dict[str, str] = field(default_factory=dict)
+    """The last lines of each killed child's log: where it was when SIGTERM did not stop it (an
+    agent writes its threads' stacks there after STOP_STACKS_AFTER seconds)."""
 
 
 class Children:
@@ -150,7 +155,8 @@ class Children:
                         log.warning("%s (pid %d) survived SIGKILL", c.name, c.pid)
                     killed.append(c.name)
         left = tuple(c.name for c in children if c.alive)
-        return StopReport(stopped=tuple(stopped), killed=tuple(killed), left_running=left)
+        tails = {c.name: c.tail(KILLED_TAIL_LINES) for c in children if c.name in killed}
+        return StopReport(stopped=tuple(stopped), killed=tuple(killed), left_running=left, killed_tails=tails)
 
     def stop_all(self, *, timeout: float, order: Callable[[Child], int] | None = None) -> StopReport:
         """Stop every child, in groups by ``order`` (lowest first; default: newest first, one at a time)."""
@@ -159,12 +165,14 @@ class Children:
             groups.setdefault(order(c) if order else -i, []).append(c)
         stopped: list[str] = []
         killed: list[str] = []
+        tails: dict[str, str] = {}
         for key in sorted(groups):
             rep = self.stop(groups[key], timeout=timeout)
             stopped += rep.stopped
             killed += rep.killed
+            tails.update(rep.killed_tails)
         left = tuple(c.name for c in self.started if c.alive)
-        return StopReport(stopped=tuple(stopped), killed=tuple(killed), left_running=left)
+        return StopReport(stopped=tuple(stopped), killed=tuple(killed), left_running=left, killed_tails=tails)
 
 
 def _signal(child: Child, sig: signal.Signals) -> None:

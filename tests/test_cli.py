@@ -115,3 +115,22 @@ def test_failed_build_leaves_nothing(tmp_path: Path, release_key: KeyPair) -> No
             "-o", str(out_dir / "nan-1.0.0.edge"))
     assert_one_line_error(p, 1, "NaN")
     assert list(out_dir.iterdir()) == []
+
+
+def test_an_agent_still_running_after_a_stop_signal_writes_its_threads_stacks() -> None:
+    """The agent's signal handler sets ``stop`` and, the first time, arms a dump of every thread's
+    stack to stderr (the agent's log) if the process is still running ``stacks_after`` seconds
+    later: where it waits, when stopping takes too long. A second signal does not re-arm it."""
+    code = ("import asyncio, time\n"
+            "from agent.cli import stop_requested\n"
+            "stop = asyncio.Event()\n"
+            "stop_requested(stop, stacks_after=0.3)\n"
+            "stop_requested(stop, stacks_after=30)\n"
+            "assert stop.is_set()\n"
+            "def stuck_in_shutdown():\n"
+            "    time.sleep(3)\n"
+            "stuck_in_shutdown()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "Timeout (0:00:00.300000)!" in proc.stderr and "most recent call first" in proc.stderr
+    assert "stuck_in_shutdown" in proc.stderr

@@ -197,3 +197,21 @@ def test_usage_errors_start_nothing(tmp_path: Path) -> None:
     proc = subprocess.run([*demo_command(), "--broker", "http://127.0.0.1:1"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "must start with mqtt://" in proc.stderr
+
+
+def test_a_child_that_ignores_sigterm_is_killed_and_its_last_lines_are_kept(tmp_path: Path) -> None:
+    """What a child that had to be SIGKILLed last wrote (an agent's thread stacks) is kept for the
+    demo to show, before the demo's directory is removed."""
+    from packager.demo_procs import Children
+
+    (tmp_path / "stubborn.py").write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                          "print('waiting in stubborn', flush=True)\ntime.sleep(60)\n")
+    children = Children(tmp_path / "logs")
+    child = children.start("stubborn", "stubborn", [], env={"PYTHONPATH": str(tmp_path)})
+    deadline = time.monotonic() + 30
+    while "waiting in stubborn" not in child.tail() and time.monotonic() < deadline:
+        assert child.alive, child.tail()
+        time.sleep(0.05)
+    report = children.stop_all(timeout=0.5)
+    assert report.killed == ("stubborn",) and report.stopped == () and not child.alive
+    assert report.killed_tails["stubborn"].splitlines()[-1] == "waiting in stubborn"

@@ -519,6 +519,7 @@ def test_sigterm_while_a_refresh_waits_for_a_reply_stops_the_agent_at_once(broke
     finally:
         for p in procs:
             stop_process(p, signal.SIGKILL)
+    assert "most recent call first" not in log_text(log)  # no thread stacks: it did not hang
     if once:
         assert rc == 130, log_text(log)
         assert log_text(log).strip().splitlines()[-1].startswith("error: interrupted: the update cycle stopped")
