@@ -43,7 +43,7 @@ class RequestTimeout(LinkError):
 
 
 class ChannelClosed(LinkError):
-    """The connection under the channel went away with requests pending."""
+    """The connection under the channel went away with requests pending, or before a request."""
 
 
 @dataclass
@@ -81,6 +81,8 @@ class Channel:
         """Loop time of the last reply that answered a pending request."""
         self._answered = -1
         """Place (``stats.requests`` when it was sent) of the latest-sent request answered so far."""
+        self._closed: str | None = None
+        """Why :meth:`close` was called: from then on every request fails at once, unsent."""
         self.stats = ChannelStats()
 
     @staticmethod
@@ -120,6 +122,8 @@ class Channel:
             if not fut.done():
                 fut.set_exception(err)
 
+        if self._closed is not None:
+            raise ChannelClosed(self._closed)
         self._expect(req, timeout, on_reply, on_error)
         try:
             await self._publish(self._topic, encode_request(req))
@@ -131,6 +135,9 @@ class Channel:
         """Publish ``req`` without waiting. Exactly one callback runs, once: ``on_reply`` from
         :meth:`deliver`, or ``on_error`` (RequestTimeout after ``timeout`` seconds, ChannelClosed).
         Neither may raise: they run inside whoever feeds the channel."""
+        if self._closed is not None:
+            asyncio.get_running_loop().call_soon(on_error, ChannelClosed(self._closed))
+            return
         self._expect(req, timeout, on_reply, on_error)
         payload = encode_request(req)
         if self._send is not None:
@@ -149,7 +156,10 @@ class Channel:
             pending.timer.cancel()
 
     def close(self, reason: str = "connection lost") -> None:
-        """Fail every pending request (the connection dropped)."""
+        """Fail every pending request, and every later one at once (the session under the channel
+        ended: a request sent on it now could only wait for its timeout, or for a publish that a
+        disconnected paho queues and never sends)."""
+        self._closed = self._closed or reason
         pending, self._pending = self._pending, {}
         for p in pending.values():
             p.timer.cancel()

@@ -29,7 +29,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent import safejson
-from agent.channel import Channel, RequestTimeout
+from agent.channel import Channel, ChannelClosed, RequestTimeout
 from agent.config import UpdateLimits
 from agent.download import BlockedTarget
 from agent.errors import (
@@ -97,6 +97,8 @@ class MqttFetcher(FetcherInterface):
                     raise
                 fut.cancel()
                 raise RequestTimeout(f"no reply to {req.op} request within {cap:g} s") from None
+            except ChannelClosed:
+                raise  # the session ended: asking again on it is pointless (the next session refreshes)
             except LinkError as e:
                 last, fut = e, None
                 req = type(req)(**{**req.__dict__, "id": Channel.new_id()})

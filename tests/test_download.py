@@ -281,6 +281,48 @@ def test_channel_timeout_and_close() -> None:
         run(closed())
 
 
+def test_a_closed_channel_fails_every_later_request_at_once_unsent() -> None:
+    """Once its session ended, a request on the channel could only wait out its timeout (or a
+    publish that a disconnected paho queues): it fails at once instead, and nothing is sent."""
+    server = FakeServer(meta={"timestamp.json": b"ts"})
+    ch = server.attach()
+    errors: list[LinkError] = []
+
+    async def go() -> None:
+        ch.close("session ended")
+        with pytest.raises(ChannelClosed, match="session ended"):
+            await ch.request(MetaRequest(id=ch.new_id(), name="timestamp.json"), timeout=30)
+        ch.submit(MetaRequest(id=ch.new_id(), name="timestamp.json"), timeout=30,
+                  on_reply=lambda r: errors.append(AssertionError(r)), on_error=errors.append)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+
+    run(go())
+    assert server.requests == [] and len(errors) == 1 and isinstance(errors[0], ChannelClosed)
+    assert ch._pending == {}
+
+
+def test_the_metadata_fetcher_does_not_ask_again_once_its_channel_closed() -> None:
+    """A refresh whose session ends while it waits (SIGTERM, a lost broker) stops there: asking
+    again on the ended session would hold the agent's exit for request_timeout per attempt."""
+    from agent.trust import MqttFetcher
+
+    server = FakeServer(silent_after=0)
+
+    async def go() -> None:
+        channel = server.attach()
+        fetcher = MqttFetcher(channel, asyncio.get_running_loop(),
+                              UpdateLimits(request_timeout=0.5, request_retries=3))
+        worker = asyncio.ensure_future(asyncio.to_thread(_fetch_meta, fetcher, "2.root.json"))
+        while len(server.requests) < 2:  # the root probe and the early timestamp are out
+            await asyncio.sleep(0.01)
+        channel.close("session ended")
+        with pytest.raises(ChannelClosed, match="session ended"):
+            await worker
+
+    run(go())
+    assert sorted(r.name for r in server.requests) == ["2.root.json", "timestamp.json"]  # type: ignore[union-attr]
+
+
 def test_replies_nobody_asked_for_do_not_hold_off_a_timeout() -> None:
     """Only answers to pending requests show that the link works: a stream of forged or stray
     replies (every 10 ms, for as long as the request waits) cannot keep it waiting past its 0.1 s
