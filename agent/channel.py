@@ -157,8 +157,8 @@ class Channel:
 
     def close(self, reason: str = "connection lost") -> None:
         """Fail every pending request, and every later one at once (the session under the channel
-        ended: a request sent on it now could only wait for its timeout, or for a publish that a
-        disconnected paho queues and never sends)."""
+        ended: a request sent on it now could only wait for its timeout, or for the PUBACK of a
+        publish that the disconnect cut off)."""
         self._closed = self._closed or reason
         pending, self._pending = self._pending, {}
         for p in pending.values():

@@ -82,7 +82,7 @@ class MqttFetcher(FetcherInterface):
 
     def _call(self, req: MetaRequest | BlockRequest, fut: concurrent.futures.Future[Any] | None = None) -> Any:
         """The reply to ``req`` (already submitted as ``fut``, if given), asked again with a new
-        id after a link error, up to ``request_retries`` attempts in all."""
+        id after a link error other than the channel closing, up to ``request_retries`` attempts."""
         last: Exception | None = None
         for _ in range(self._limits.request_retries):
             fut = fut if fut is not None else self._submit(req)
@@ -111,14 +111,14 @@ class MqttFetcher(FetcherInterface):
             self._early = None
 
     def _meta(self, name: str) -> Any:
+        req = MetaRequest(id=Channel.new_id(), name=name)
         early, self._early = self._early, None
         if name == self.TIMESTAMP and early is not None:
-            return self._call(MetaRequest(id=Channel.new_id(), name=name), early)
+            return self._call(req, early)
         if early is not None:
             early.cancel()
         if not name.endswith(".root.json"):
-            return self._call(MetaRequest(id=Channel.new_id(), name=name))
-        req = MetaRequest(id=Channel.new_id(), name=name)
+            return self._call(req)
         fut = self._submit(req)
         early = self._submit(MetaRequest(id=Channel.new_id(), name=self.TIMESTAMP))
         try:

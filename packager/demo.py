@@ -152,10 +152,12 @@ class Demo:
             step, [self.server_child, *self.agent_children]) if c is not None]
         dead = [c for c in wanted if not c.alive]
         for child in dead or wanted:
-            tail = child.tail(12 if dead else 6)
-            if tail:
-                lines = "\n".join(f"    {t}" for t in tail.splitlines())
-                self.say.event(f"last lines of {child.log_path.name}:\n{lines}")
+            self._show_tail(child.log_path.name, child.tail(12 if dead else 6))
+
+    def _show_tail(self, log_name: str, tail: str) -> None:
+        if tail:
+            lines = "\n".join(f"    {t}" for t in tail.splitlines())
+            self.say.event(f"last lines of {log_name}:\n{lines}")
 
     def _cleanup(self, line: StepLine, step: StepResult) -> str:
         line.status("stopping the agents, then the server, then the broker")
@@ -182,9 +184,7 @@ class Demo:
         if report.killed:
             self.say.note(f"did not stop on SIGTERM, killed: {', '.join(report.killed)}")
             for name, tail in report.killed_tails.items():
-                if tail:
-                    lines = "\n".join(f"    {t}" for t in tail.splitlines())
-                    self.say.event(f"last lines of {name}.log:\n{lines}")
+                self._show_tail(f"{name}.log", tail)
         if cleared:
             self.say.note(f"cleared {cleared} retained state/presence messages of the demo devices")
         if report.left_running:
