@@ -95,17 +95,18 @@ _PAX_IGNORED = frozenset({"mtime", "atime", "ctime", "uid", "gid", "uname", "gna
 
 @dataclass(frozen=True, kw_only=True)
 class Member:
-    """One extracted file: its name, size and SHA-256 (lower-case hex)."""
+    """One extracted file: its name, size and SHA-256 (lower-case hex; None when it was not hashed)."""
 
     name: str
     size: int
-    sha256: str
+    sha256: str | None
 
     def __post_init__(self) -> None:
         check_member_name(self.name)
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
             raise ArchiveError(f"member {self.name!r}: invalid size {self.size!r}")
-        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+        if self.sha256 is not None and (not isinstance(self.sha256, str)
+                                        or not re.fullmatch(r"[0-9a-f]{64}", self.sha256)):
             raise ArchiveError(f"member {self.name!r}: invalid sha256 {self.sha256!r}")
 
 
@@ -608,14 +609,17 @@ def extract_archive(src: BinaryIO, dest_dir: Path, limits: BundleLimits, *, gzip
 
 
 def scan_archive(src: BinaryIO, limits: BundleLimits, *, keep: Collection[str] = (),
-                 max_keep_bytes: int, gzip_crc: bool = True) -> tuple[dict[str, Member], dict[str, bytes]]:
+                 max_keep_bytes: int, gzip_crc: bool = True,
+                 hash_members: bool = True) -> tuple[dict[str, Member], dict[str, bytes]]:
     """Check and hash every member of the archive ``src`` without writing anything.
 
     The same rules as :func:`extract_archive` apply, end of archive and trailing
     data included. The bytes of the members named in ``keep`` (small ones: the
     manifest, the signature; at most ``max_keep_bytes`` each) are returned too.
     ``gzip_crc=False`` skips the gzip CRC-32 (see :class:`_GzipStream`): only for
-    bytes already checked against a signed hash.
+    bytes already checked against a signed hash. ``hash_members=False`` leaves every
+    member's ``sha256`` None: only for bytes a release key signed as a whole (a transfer
+    signature), whose member digests could only repeat that check.
     """
     tar = _open_stream(src, limits, check_crc=gzip_crc)
     members: dict[str, Member] = {}
@@ -624,13 +628,15 @@ def scan_archive(src: BinaryIO, limits: BundleLimits, *, keep: Collection[str] =
         keeping = header.name in keep
         if keeping and header.size > max_keep_bytes:
             raise LimitExceeded(f"member {header.name!r}: {header.size} bytes is larger than {max_keep_bytes}")
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if hash_members else None
         parts: list[bytes] = []
         while chunk := tar.read(_DATA_CHUNK):
-            digest.update(chunk)
+            if digest is not None:
+                digest.update(chunk)
             if keeping:
                 parts.append(chunk)
-        members[header.name] = Member(name=header.name, size=header.size, sha256=digest.hexdigest())
+        members[header.name] = Member(name=header.name, size=header.size,
+                                      sha256=digest.hexdigest() if digest is not None else None)
         if keeping:
             kept[header.name] = b"".join(parts)
     log.debug("scanned %d members", len(members))

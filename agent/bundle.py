@@ -101,7 +101,8 @@ def verify_members(
     log.debug("signature verified, signer %s", statement.signer_key_id)
     actual = {name: m.sha256 for name, m in members.items() if name != SIGNATURE_NAME}
     check_resources(statement, actual)
-    log.debug("all %d files match their signed digests", len(actual))
+    if all(d is not None for d in actual.values()):
+        log.debug("all %d files match their signed digests", len(actual))
     manifest = parse_manifest(read(MANIFEST_NAME), limits)
     expected = set(manifest.payload_files())
     if expected != set(actual):
@@ -184,15 +185,21 @@ def verify_file(bundle: Path, *, trusted_keys: Sequence[TrustedKey], limits: Bun
 
 
 def verify_stream(src: BinaryIO, *, trusted_keys: Sequence[TrustedKey], limits: BundleLimits = BundleLimits(),
-                  file_sha256: bool = True, gzip_crc: bool = True) -> CheckedFile:
+                  file_sha256: bool = True, gzip_crc: bool = True, member_digests: bool = True) -> CheckedFile:
     """:func:`verify_file` over any reader (e.g. a file still being downloaded). ``gzip_crc=False``
     skips the gzip CRC-32, for a reader whose every byte was checked against a TUF-signed hash: it
-    would only repeat that check (the member digests and the signature are checked either way)."""
+    would only repeat that check (the member digests and the signature are checked either way).
+
+    ``member_digests=False`` does not hash the members (their names are still checked against the
+    signature and the manifest, and the signature itself is verified): only for a reader whose every
+    byte was checked against hashes a trusted release key signed, i.e. a bundle's transfer signature
+    (docs/bundle-format.md). The members' ``sha256`` are then None."""
     if not trusted_keys:
         raise UsageError("no trusted keys given: pass at least one public key")
     reader: Any = _HashingReader(src) if file_sha256 else src
     members, kept = scan_archive(reader, limits, keep=(MANIFEST_NAME, SIGNATURE_NAME),
-                                 max_keep_bytes=limits.max_json_bytes, gzip_crc=gzip_crc)
+                                 max_keep_bytes=limits.max_json_bytes, gzip_crc=gzip_crc,
+                                 hash_members=member_digests)
     manifest, statement = verify_members(kept.__getitem__, members, trusted_keys, limits)
     log.info("bundle %s %s verified in place (signer %s)", manifest.name, manifest.version,
              statement.signer_key_id[:16])

@@ -116,6 +116,39 @@ def build_statement(
     return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+def shard_statement(*, subject_name: str, shard_size: int, length: int, digests: Sequence[str]) -> bytes:
+    """The canonical in-toto statement signing one file as model-signing's ``shards`` method does.
+
+    ``digests`` are the SHA-256 (hex) of the file's consecutive ``shard_size`` slices (the last one
+    may be shorter). The resources are named as model-signing names the shards of a model that is a
+    single file (``.:START:END``), so ``model_signing verify`` with shard serialization checks the
+    file against it. The bytes are canonical (sorted keys, no insignificant whitespace): a verifier
+    that knows the digests rebuilds them instead of receiving them. Invalid input is a ``ValueError``.
+    """
+    if not isinstance(subject_name, str) or not subject_name:
+        raise ValueError("subject_name must be a non-empty string")
+    if type(shard_size) is not int or shard_size <= 0 or type(length) is not int or length <= 0:
+        raise ValueError("shard_size and length must be positive integers")
+    if len(digests) != -(-length // shard_size):
+        raise ValueError(f"{len(digests)} shard digests for {length} bytes in shards of {shard_size}")
+    if not all(isinstance(d, str) and _HEX64.match(d) for d in digests):
+        raise ValueError("shard digests must be 64 lower-case hex characters")
+    algorithm = f"{HASH_TYPE}-sharded-{shard_size}"
+    resources = [{"name": f".:{start}:{min(start + shard_size, length)}", "algorithm": algorithm, "digest": d}
+                 for start, d in zip(range(0, length, shard_size), digests)]
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": subject_name, "digest": {"sha256": _root_digest(digests)}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": {"method": "shards", "allow_symlinks": False, "hash_type": HASH_TYPE,
+                              "shard_size": shard_size},
+            "resources": resources,
+        },
+    }
+    return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 def _root_digest(hex_digests: Any) -> str:
     h = hashlib.sha256()
     for d in hex_digests:
@@ -366,28 +399,93 @@ def _check_serialization(ser: dict[str, Any]) -> None:
         _malformed("predicate.serialization.ignore_paths must be a list of strings")
 
 
+# --- transfer signatures ---------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferSignature:
+    """A release key's signature over a bundle file's shard digests (see docs/bundle-format.md).
+
+    Only the key id and the signature travel: the signed statement is rebuilt from the shard
+    digests TUF already lists (:func:`shard_statement`), so it cannot disagree with them."""
+
+    key_id: str
+    sig: bytes
+
+    def to_json(self) -> dict[str, str]:
+        return {"keyid": self.key_id, "sig": base64.b64encode(self.sig).decode("ascii")}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> TransferSignature:
+        """Strict parse; :class:`SignatureError` for anything malformed."""
+        fields = _obj(obj, "transfer signature")
+        _only(fields, {"keyid", "sig"}, "transfer signature")
+        key_id = _field(fields, "keyid", str, "transfer signature")
+        if not _HEX64.match(key_id):
+            _malformed(f"transfer signature key id {key_id[:80]!r} is not 64 lower-case hex characters")
+        sig = _b64(_field(fields, "sig", str, "transfer signature"), "transfer signature sig")
+        _check_ecdsa_p256_shape(sig)
+        return cls(key_id=key_id, sig=sig)
+
+
+def transfer_subject(name: str, version: str) -> str:
+    """The subject a bundle's transfer signature names: the bundle's canonical file name."""
+    return f"{name}-{version}.edge"
+
+
+def verify_transfer_signature(signature: TransferSignature, trusted_keys: Sequence[TrustedKey], *,
+                              subject_name: str, shard_size: int, length: int, digests: Sequence[str]) -> str:
+    """Check that a trusted key signed exactly these shard digests; return the signer's key id.
+
+    Raises :class:`UntrustedSigner` (the key is not trusted) or :class:`SignatureError` (the
+    signature is not over these digests: another file, another shard size, or forged)."""
+    try:
+        payload = shard_statement(subject_name=subject_name, shard_size=shard_size, length=length, digests=digests)
+    except ValueError as e:
+        raise SignatureError(f"transfer signature: {e}") from None
+    env = _Envelope(hint=signature.key_id, payload_type=PAYLOAD_TYPE, payload=payload, sig=signature.sig)
+    try:
+        return _verify_envelope(env, trusted_keys)
+    except UntrustedSigner as e:
+        raise UntrustedSigner(f"transfer signature: {e}") from None
+    except SignatureError:
+        raise SignatureError(f"transfer signature by key {signature.key_id[:16]}... does not cover "
+                             f"these {len(digests)} blocks of {subject_name}") from None
+
+
+def read_transfer_signature(data: bytes, *, max_bytes: int, max_depth: int) -> tuple[TransferSignature, bytes]:
+    """Parse a transfer signature file (a Sigstore bundle, nothing verified yet): the compact
+    signature and the statement it carries, which a verifier compares with its own rebuild."""
+    env = _parse_bundle(data, max_bytes=max_bytes, max_depth=max_depth)
+    if not env.hint:
+        _malformed("transfer signature has no key hint")
+    return TransferSignature(key_id=env.hint, sig=env.sig), env.payload
+
+
 # --- checking files -------------------------------------------------------
 
 
-def check_resources(statement: VerifiedStatement, actual: Mapping[str, str]) -> None:
+def check_resources(statement: VerifiedStatement, actual: Mapping[str, str | None]) -> None:
     """Check the files present (name -> sha256 hex, signature file excluded) against the statement.
 
     Raises :class:`DigestMismatch` naming every file not covered by the
     signature, every signed file that is missing and every file whose digest
-    differs (a rename shows as both an unlisted and a missing file).
+    differs (a rename shows as both an unlisted and a missing file). A digest of
+    None (a file not hashed, see :func:`agent.archive.scan_archive`) checks the name only.
     """
     signed = statement.resources
-    have = {name: digest.lower() for name, digest in actual.items()}
+    have = {name: digest.lower() if digest is not None else None for name, digest in actual.items()}
     unlisted = sorted(set(have) - set(signed), key=resource_order)
     missing = sorted(set(signed) - set(have), key=resource_order)
-    changed = sorted((n for n in set(have) & set(signed) if have[n] != signed[n]), key=resource_order)
+    changed = sorted((n for n in set(have) & set(signed) if have[n] is not None and have[n] != signed[n]),
+                     key=resource_order)
     if not (unlisted or missing or changed):
         log.debug("all %d files match their signed digests", len(signed))
         return
     missing_by_digest = {signed[n]: n for n in missing}
     problems = []
     for name in unlisted:
-        was = missing_by_digest.get(have[name])
+        was = missing_by_digest.get(have[name] or "")
         suffix = f" (it has the signed digest of missing file {was!r}: renamed?)" if was else ""
         problems.append(f"file {name!r} is not covered by the signature{suffix}")
     problems += [f"signed file {name!r} is missing" for name in missing]

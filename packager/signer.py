@@ -8,6 +8,7 @@ any one of them makes verification fail.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.fsutil import sha256_file
 from agent.errors import UsageError
 from agent.manifest import SIGNATURE_NAME
-from agent.signing import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, build_statement, pae
+from agent.signing import BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, build_statement, pae, shard_statement
 from packager.keys import SigningKey
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,31 @@ def sign_directory(
         raise UsageError(f"{payload_dir} holds no files to sign")
     statement = build_statement(subject_name=subject_name, resources=resources, ignore_paths=(signature_name,))
     log.info("signing %d files in %s with key %s", len(resources), payload_dir, key.key_id)
+    return sign_statement(statement, key)
+
+
+def shard_digests(path: Path, shard_size: int) -> tuple[int, list[str]]:
+    """The file's length and the SHA-256 (hex) of each consecutive ``shard_size`` slice."""
+    digests: list[str] = []
+    length = 0
+    try:
+        with open(path, "rb") as fh:
+            while shard := fh.read(shard_size):
+                digests.append(hashlib.sha256(shard).hexdigest())
+                length += len(shard)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return length, digests
+
+
+def sign_transfer(bundle: Path, key: SigningKey, *, subject_name: str, shard_size: int) -> bytes:
+    """The transfer signature of the bundle file ``bundle``: its shard digests, signed (see
+    docs/bundle-format.md). Nothing is written; the caller stores it next to the bundle."""
+    length, digests = shard_digests(bundle, shard_size)
+    if not length:
+        raise UsageError(f"{bundle} is empty")
+    statement = shard_statement(subject_name=subject_name, shard_size=shard_size, length=length, digests=digests)
+    log.info("signing the %d blocks of %s with key %s", len(digests), bundle.name, key.key_id)
     return sign_statement(statement, key)
 
 

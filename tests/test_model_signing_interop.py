@@ -25,7 +25,7 @@ from agent.keys import load_public_key  # noqa: E402
 from agent.manifest import SIGNATURE_NAME  # noqa: E402
 from agent.signing import build_statement, check_resources, verify_signature  # noqa: E402
 from packager.keys import GeneratedKey, generate_keypair, load_private_key  # noqa: E402
-from packager.signer import sign_directory  # noqa: E402
+from packager.signer import sign_directory, sign_transfer  # noqa: E402
 
 LIMITS = {"max_bytes": 1 << 20, "max_depth": 32}
 
@@ -159,3 +159,27 @@ def test_same_resources_order_and_root_digest_as_model_signing(model: Path, keyp
     assert ours["subject"] == theirs["subject"]
     assert [r["name"] for r in ours["predicate"]["resources"]].index("x/b") < [
         r["name"] for r in ours["predicate"]["resources"]].index("x-b")
+
+
+# --- transfer signatures (shard serialization) ------------------------------------
+
+
+def test_our_transfer_signature_verifies_with_model_signing_shards_and_catches_a_changed_block(
+        tmp_path: Path, keypair: GeneratedKey) -> None:
+    """A transfer signature is model-signing's ``shards`` serialization of the bundle as a one-file
+    model: upstream verifies it against the file, and refuses it once one byte of one shard changed."""
+    bundle = tmp_path / "m-1.0.0.edge"
+    bundle.write_bytes(bytes(range(256)) * 2500)  # 640000 bytes: two whole shards and a short one
+    sidecar = tmp_path / "m-1.0.0.edge.sig"
+    key = load_private_key(keypair.private_path, passphrase=None)
+    sidecar.write_bytes(sign_transfer(bundle, key, subject_name="m-1.0.0.edge", shard_size=262144))
+    upstream = verifying.Config().use_elliptic_key_verifier(public_key=keypair.public_path).set_hashing_config(
+        hashing.Config().use_shard_serialization(shard_size=262144))
+    upstream.verify(bundle, sidecar)
+    names = [r["name"] for r in _statement(sidecar.read_bytes())["predicate"]["resources"]]
+    assert names == [".:0:262144", ".:262144:524288", ".:524288:640000"]
+    data = bytearray(bundle.read_bytes())
+    data[300000] ^= 1
+    bundle.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"\.:262144:524288"):
+        upstream.verify(bundle, sidecar)

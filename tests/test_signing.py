@@ -34,12 +34,16 @@ from agent.manifest import SIGNATURE_NAME
 from agent.signing import (
     BUNDLE_MEDIA_TYPE,
     PAYLOAD_TYPE,
+    TransferSignature,
     VerifiedStatement,
     build_statement,
     check_resources,
     pae,
+    read_transfer_signature,
     read_unverified,
+    shard_statement,
     verify_signature,
+    verify_transfer_signature,
 )
 from packager.keys import SigningKey
 from packager.signer import hash_directory, sign_directory, sign_statement
@@ -519,3 +523,47 @@ def test_property_any_flipped_byte_is_rejected(data: st.DataObject) -> None:
     sig[index] ^= mask
     with pytest.raises(BadData):
         _verify(bytes(sig))
+
+
+# --- transfer signatures ----------------------------------------------------------
+
+
+def _transfer(data: bytes, label: str = RELEASE, shard: int = 4096) -> tuple[TransferSignature, list[str]]:
+    digests = [hashlib.sha256(data[i:i + shard]).hexdigest() for i in range(0, len(data), shard)]
+    statement = shard_statement(subject_name="m-1.0.0.edge", shard_size=shard, length=len(data), digests=digests)
+    sig, payload = read_transfer_signature(sign_statement(statement, _key(label)), **LIMITS)
+    assert payload == statement
+    return sig, digests
+
+
+def test_a_transfer_signature_verifies_against_the_digests_it_was_made_for() -> None:
+    data = bytes(range(256)) * 40  # 10240 bytes: 2 whole shards and a short one
+    sig, digests = _transfer(data)
+    kw = {"subject_name": "m-1.0.0.edge", "shard_size": 4096, "length": len(data)}
+    assert verify_transfer_signature(sig, [_trusted(OTHER), _trusted(RELEASE)], digests=digests, **kw) == \
+        _key(RELEASE).key_id
+    assert TransferSignature.from_json(json.loads(json.dumps(sig.to_json()))) == sig
+    changed = list(digests)
+    changed[1] = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(SignatureError, match="does not cover these 3 blocks"):
+        verify_transfer_signature(sig, [_trusted(RELEASE)], digests=changed, **kw)
+    with pytest.raises(SignatureError, match="does not cover"):
+        verify_transfer_signature(sig, [_trusted(RELEASE)], digests=digests, **{**kw, "subject_name": "m-1.0.1.edge"})
+    with pytest.raises(SignatureError, match="3 shard digests for 10240 bytes in shards of 8192"):
+        verify_transfer_signature(sig, [_trusted(RELEASE)], digests=digests, **{**kw, "shard_size": 8192})
+    with pytest.raises(UntrustedSigner, match="transfer signature: signed by key .* not trusted"):
+        verify_transfer_signature(sig, [_trusted(OTHER)], digests=digests, **kw)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("keyid", "ABC", "not 64 lower-case hex"),
+    ("sig", "not base64!", "not valid base64"),
+    ("sig", base64.b64encode(b"\x30\x02\x02\x00").decode(), "not a DER-encoded ECDSA signature"),
+    ("extra", "x", "unknown field"),
+])
+def test_a_malformed_transfer_signature_field_is_a_signature_error(field: str, value: str, match: str) -> None:
+    sig, _ = _transfer(b"x" * 5000)
+    with pytest.raises(SignatureError, match=match):
+        TransferSignature.from_json({**sig.to_json(), field: value})
+    with pytest.raises(SignatureError, match="must be a JSON object"):
+        TransferSignature.from_json(["keyid", "sig"])
