@@ -39,6 +39,7 @@ from agent.select import DeviceFacts, decide
 from agent.deploy import Deployer, Host
 from agent.reporting import DeviceReporting
 from agent.settings import AgentConfig
+from agent.signing import transfer_subject, verify_transfer_signature
 from agent.store import ModelState, Store
 from agent.trust import MqttFetcher, Release, TrustedView, TufClient
 
@@ -318,13 +319,25 @@ class Agent:
             return
         rel = decision.release
         assert rel is not None
-        self._event("downloading", model=model, version=rel.version, bytes=rel.target.length)
+        transfer_signer = None
+        if rel.transfer_signature is not None:
+            # A release key signed these block hashes: once each block matches, the bytes are the
+            # release's, and the verifier need not hash the members again. Checked before any download.
+            try:
+                transfer_signer = verify_transfer_signature(
+                    rel.transfer_signature, view.release_keys, subject_name=transfer_subject(rel.name, rel.version),
+                    shard_size=rel.target.block_size, length=rel.target.length, digests=rel.target.block_sha256)
+            except BadData as e:
+                self._refuse(state, rel, e)
+                raise
+        self._event("downloading", model=model, version=rel.version, bytes=rel.target.length,
+                    **({"transfer_signer": transfer_signer} if transfer_signer else {}))
         stats = DownloadStats()
         self.status.downloads.append(stats)
         # Verify while the blocks arrive: the checker reads the part file as its whole prefix grows.
         progress = Progress(rel.target)
         checking = asyncio.ensure_future(asyncio.to_thread(self._verify, part_path(self.store.downloads, rel.target),
-                                                           progress, rel, view))
+                                                           progress, rel, view, transfer_signer is None))
         try:
             part = await download(channel, rel.target, self.store.downloads, self.config.limits, stats=stats,
                                   progress=progress)
@@ -350,17 +363,18 @@ class Agent:
         discard(self.store.downloads, rel.target)
         self.store.refuse(state, rel.target.sha256, f"{type(error).__name__}: {error}")
 
-    def _verify(self, part: Path, progress: Progress, rel: Release, view: TrustedView) -> None:
+    def _verify(self, part: Path, progress: Progress, rel: Release, view: TrustedView, member_digests: bool) -> None:
         """In a thread while the blocks arrive: the reader checks each block against the SHA-256
         TUF's targets role signed for it before the bundle verifier sees a byte of it. A failure
         here ends the download."""
         reader = GrowingReader(part, progress)
         try:
             # Every byte the verifier reads was checked against TUF first: neither the file's own
-            # SHA-256 nor the gzip CRC-32 could add anything (the member digests and the signature
-            # are checked, as always).
+            # SHA-256 nor the gzip CRC-32 could add anything. The member digests could not either
+            # when a release key signed the block hashes (a transfer signature, checked already);
+            # the bundle's signature, its names and its manifest are checked, as always.
             checked = verify_stream(reader, trusted_keys=view.release_keys,  # type: ignore[arg-type]
-                                    file_sha256=False, gzip_crc=False)
+                                    file_sha256=False, gzip_crc=False, member_digests=member_digests)
             reader.drain()
             m = checked.manifest
             if (m.name, m.version) != (rel.name, rel.version):

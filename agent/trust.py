@@ -40,6 +40,7 @@ from agent.fsutil import fsync_dir, write_atomic
 from agent.keys import TrustedKey, public_key_from_pem
 from agent.manifest import check_name, check_semver
 from agent.protocol import DEFAULT_BLOCK, BlockRequest, MetaRequest
+from agent.signing import TransferSignature
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,8 @@ class Release:
     groups: tuple[str, ...]
     published: str
     target: BlockedTarget
+    transfer_signature: TransferSignature | None = None
+    """A release key's signature over the target's block hashes (docs/bundle-format.md), if published."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +221,9 @@ def parse_release(tf: TargetFile, *, hash_prefix: bool) -> Release | None:
     block_size = es.get("block_size")
     if type(block_size) is not int:
         raise BadData(f"{where}: block_size must be an integer")
+    transfer = es.get("transfer_signature")
+    if transfer is not None:
+        transfer = TransferSignature.from_json(transfer)
     dirname, sep, base = tf.path.rpartition("/")
     url_path = f"{dirname}{sep}{sha}.{base}" if hash_prefix else tf.path
     try:
@@ -231,6 +237,7 @@ def parse_release(tf: TargetFile, *, hash_prefix: bool) -> Release | None:
         groups=tuple(groups), published=str(es.get("published", "")),
         target=BlockedTarget(path=tf.path, url_path=url_path, length=tf.length, sha256=sha,
                              block_size=block_size, block_sha256=tuple(blocks)),
+        transfer_signature=transfer,
     )
 
 

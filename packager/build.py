@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from agent.fsutil import fsync_dir, sha256_file
+from agent.fsutil import fsync_dir, sha256_file, write_atomic
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -40,12 +40,13 @@ from agent.manifest import (
 )
 from agent.runtime import open_session, runtime_version
 from agent.selftest import default_tolerance, generate_inputs, run_selftest, save_cases
-from agent.signing import build_statement
+from agent.signing import build_statement, transfer_subject
 from packager.data import load_samples
 from packager.introspect import ModelInfo, read_signature
 from packager.keys import SigningKey
 from packager.progress import Reporter, Silent
-from packager.signer import sign_statement
+from packager.repo_publish import BLOCK_SIZE, transfer_signature_path
+from packager.signer import sign_statement, sign_transfer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class BuildResult:
     """file name -> (size, sha256)"""
     bundle_sha256: str
     bundle_size: int
+    transfer_signature: Path
+    """``NAME-VERSION.edge.sig`` beside the bundle: its block hashes, signed (docs/bundle-format.md)."""
     selftest: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -234,9 +237,16 @@ def build_bundle(
             check_dir.mkdir()
             open_bundle(tmp_bundle, check_dir, trusted_keys=[TrustedKey(key_id=key.key_id, public_key=key.public_key)])
 
+        sidecar = transfer_signature_path(out)
+        with rep.step(f"Signing its blocks into {sidecar.name}"):
+            transfer = sign_transfer(tmp_bundle, key, subject_name=transfer_subject(req.name, req.version),
+                                     shard_size=BLOCK_SIZE)
+        # The bundle first, then its transfer signature: a crash between them leaves the old
+        # signature beside the new bundle, which publish refuses by name (it signs other bytes).
         os.replace(tmp_bundle, out)
         tmp_bundle = None
         fsync_dir(out.parent)
+        write_atomic(sidecar, transfer)
     finally:
         if tmp_bundle is not None:
             tmp_bundle.unlink(missing_ok=True)
@@ -251,5 +261,6 @@ def build_bundle(
         files=files,
         bundle_sha256=digest,
         bundle_size=size,
+        transfer_signature=sidecar,
         selftest={"cases": result.cases, "max_abs_error": result.max_abs_error, "rtol": rtol, "atol": atol},
     )

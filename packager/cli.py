@@ -147,6 +147,7 @@ def build(model: Path, name: str, version: str, key_path: Path, passphrase_env: 
         "min_runtime": result.manifest.runtime.min_version,
         "device_class": str(result.manifest.device_class),
         "signer": result.signer,
+        "transfer_signature": str(result.transfer_signature),
         "signed_files": [{"name": n, "size": s, "sha256": d} for n, (s, d) in result.files.items()],
         "selftest": dict(result.selftest),
         "quantization": opt.report,
@@ -162,6 +163,7 @@ def build(model: Path, name: str, version: str, key_path: Path, passphrase_env: 
     for n, (s, d) in result.files.items():
         click.echo(f"    {d[:16]}  {s:>10}  {n}")
     click.echo(f"  self-test: {result.selftest['cases']} case(s), tolerance rtol={result.selftest['rtol']:g} atol={result.selftest['atol']:g}")
+    click.echo(f"  transfer signature: {result.transfer_signature} (publish it with the bundle)")
 
 
 def _print_description(d: dict[str, Any]) -> None:

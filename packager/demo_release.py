@@ -87,7 +87,8 @@ def publish_release(repo: Path, bundle: Path, *, version: str, step: str) -> tup
     if not res.changed or res.version != version:
         raise DemoFailed(step, f"publishing {version} changed nothing ({res.message})")
     detail = {"target": res.target_path, "length": res.length, "sha256": res.sha256,
-              "targets_version": res.targets_version, "timestamp_version": res.timestamp_version}
+              "targets_version": res.targets_version, "timestamp_version": res.timestamp_version,
+              "transfer_signer": res.transfer_signer}
     title = (f"Published {res.target_path} ({res.length:,} bytes): targets v{res.targets_version}, "
              f"timestamp v{res.timestamp_version}")
     return res.timestamp_version, Outcome(title=title, detail=detail)

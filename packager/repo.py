@@ -109,6 +109,8 @@ class TargetStatus:
     length: int
     sha256: str
     published: str | None
+    transfer_signer: str | None = None
+    """Key id of the bundle's transfer signature, if it was published with one."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,7 +253,8 @@ def status(path: Path, now: datetime) -> RepoStatus:
         meta: dict[str, Any] = (tf.unrecognized_fields.get("custom") or {}).get("edgeship") or {}
         targets.append(TargetStatus(path=tpath, kind=str(meta.get("kind", "unknown")), name=meta.get("name"),
                                     version=meta.get("version"), groups=tuple(meta.get("groups") or ()),
-                                    length=tf.length, sha256=tf.hashes["sha256"], published=meta.get("published")))
+                                    length=tf.length, sha256=tf.hashes["sha256"], published=meta.get("published"),
+                                    transfer_signer=(meta.get("transfer_signature") or {}).get("keyid")))
     return RepoStatus(path=layout.path, trust_anchor=layout.trust_anchor, roles=tuple(roles), targets=tuple(targets),
                       release_key_ids=tuple(k.key_id for k in release_keys_of(layout, chain)))
 

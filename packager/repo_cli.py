@@ -16,6 +16,7 @@ import click
 
 from agent.cliutil import echo_json, json_option
 from packager import repo as lib
+from packager.repo_publish import transfer_signature_path
 from packager.repo_store import ROLES, Expiry
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -124,7 +125,8 @@ def status_cmd(directory: Path, as_json: bool) -> None:
     for t in st.targets:
         if t.kind == "bundle":
             click.echo(f"  {t.path:<40} {t.length:>10} B  sha256 {t.sha256[:16]}  "
-                       f"groups {','.join(t.groups) or '(all)'}  published {t.published}")
+                       f"groups {','.join(t.groups) or '(all)'}  published {t.published}"
+                       + ("" if t.transfer_signer else "  (no transfer signature)"))
         else:
             click.echo(f"  {t.path:<40} {t.length:>10} B  sha256 {t.sha256[:16]}  ({t.kind})")
     for kid in st.release_key_ids:
@@ -228,6 +230,11 @@ def publish(bundle: Path, repo_dir: Path, groups: tuple[str, ...], keys_dir: Pat
         return
     click.echo(res.message)
     click.echo(f"  target {res.target_path}  {res.length} bytes  sha256 {res.sha256}")
+    if res.transfer_signer:
+        click.echo(f"  transfer signature by {res.transfer_signer[:16]}: devices check each block once")
+    elif res.changed:
+        click.echo(f"  no transfer signature ({transfer_signature_path(bundle).name}) beside the bundle: "
+                   "devices hash its files a second time while downloading")
 
 
 __all__ = ["repo", "publish", "parse_duration", "DURATION"]

@@ -19,9 +19,16 @@ from tuf.api.metadata import TargetFile
 
 from agent.bundle import verify_file
 from agent.config import BundleLimits
-from agent.errors import LimitExceeded, UsageError
+from agent.errors import BadData, LimitExceeded, UsageError
 from agent.keys import TrustedKey
 from agent.manifest import Manifest
+from agent.signing import (
+    TransferSignature,
+    read_transfer_signature,
+    shard_statement,
+    transfer_subject,
+    verify_transfer_signature,
+)
 from packager.repo_store import Chain, Layout, VersionConflict, move_atomic, rfc3339, temp_path
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,8 @@ class PublishResult:
     sha256: str
     groups: tuple[str, ...]
     signer: str
+    transfer_signer: str | None
+    """Key id of the bundle's transfer signature, None when it was published without one."""
     targets_version: int
     timestamp_version: int
 
@@ -94,8 +103,40 @@ def copy_hashed(src: Path, directory: Path, *, limits: BundleLimits) -> Incoming
     return Incoming(path=tmp, length=length, sha256=whole.hexdigest(), blocks=tuple(blocks))
 
 
-def bundle_custom(manifest: Manifest, groups: Sequence[str], incoming: Incoming, now: datetime) -> dict[str, Any]:
+def transfer_signature_path(bundle: Path) -> Path:
+    """Where ``edgeship build`` writes a bundle's transfer signature: ``NAME-VERSION.edge.sig``."""
+    return bundle.with_name(bundle.name + ".sig")
+
+
+def check_transfer_signature(sidecar: Path, manifest: Manifest, incoming: Incoming,
+                             trusted: Sequence[TrustedKey]) -> TransferSignature | None:
+    """The bundle's transfer signature, checked against its blocks and the release keys; None if absent.
+
+    Bad input is a :class:`BadData` naming the file: a device would refuse the release for it."""
+    expected = shard_statement(subject_name=transfer_subject(manifest.name, manifest.version), shard_size=BLOCK_SIZE,
+                               length=incoming.length, digests=incoming.blocks)
+    try:
+        data = sidecar.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(f"cannot read transfer signature {sidecar}: {e.strerror}") from None
+    try:
+        sig, payload = read_transfer_signature(data, max_bytes=2 * len(expected) + 4096, max_depth=16)
+        if payload != expected:
+            raise BadData(f"it signs other bytes than this bundle's {len(incoming.blocks)} blocks of "
+                          f"{BLOCK_SIZE} bytes (another build, or not written by edgeship build)")
+        verify_transfer_signature(sig, trusted, subject_name=transfer_subject(manifest.name, manifest.version), shard_size=BLOCK_SIZE,
+                                  length=incoming.length, digests=incoming.blocks)
+    except BadData as e:
+        raise type(e)(f"transfer signature {sidecar}: {e}") from None
+    return sig
+
+
+def bundle_custom(manifest: Manifest, groups: Sequence[str], incoming: Incoming, now: datetime,
+                  transfer: TransferSignature | None = None) -> dict[str, Any]:
     """The ``custom`` field of a bundle target (see the repository spec)."""
+    extra = {"transfer_signature": transfer.to_json()} if transfer is not None else {}
     return {"edgeship": {
         "kind": "bundle",
         "name": manifest.name,
@@ -106,6 +147,7 @@ def bundle_custom(manifest: Manifest, groups: Sequence[str], incoming: Incoming,
         "published": rfc3339(now),
         "block_size": BLOCK_SIZE,
         "block_sha256": list(incoming.blocks),
+        **extra,
     }}
 
 
@@ -118,6 +160,7 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
         # One streaming pass, nothing unpacked: the file's own hashes came from copy_hashed.
         checked = verify_file(incoming.path, trusted_keys=trusted, limits=limits, file_sha256=False)
         manifest, signer = checked.manifest, checked.statement.signer_key_id
+        transfer = check_transfer_signature(transfer_signature_path(bundle), manifest, incoming, trusted)
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.edge"
         stored = layout.target_file(target_path, incoming.sha256)
 
@@ -126,6 +169,7 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
             return PublishResult(changed=changed, message=message, target_path=target_path, stored_path=stored,
                                  name=manifest.name, version=manifest.version, length=incoming.length,
                                  sha256=incoming.sha256, groups=published_groups, signer=signer,
+                                 transfer_signer=transfer.key_id if transfer is not None else None,
                                  targets_version=chain.targets.signed.version,
                                  timestamp_version=chain.timestamp.signed.version)
 
@@ -145,7 +189,7 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
             move_atomic(incoming.path, stored)
         chain.targets.signed.targets[target_path] = TargetFile(
             length=incoming.length, hashes={"sha256": incoming.sha256}, path=target_path,
-            unrecognized_fields={"custom": bundle_custom(manifest, groups, incoming, now)})
+            unrecognized_fields={"custom": bundle_custom(manifest, groups, incoming, now, transfer)})
         commit()
         message = (f"published {manifest.name} {manifest.version} for {', '.join(groups) or 'all devices'}: "
                    f"targets v{chain.targets.signed.version}, timestamp v{chain.timestamp.signed.version}")

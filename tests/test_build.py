@@ -75,3 +75,24 @@ def test_not_a_model(release_key: KeyPair, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not an ONNX or TFLite model"):
         build(junk, release_key, tmp_path / "o.edge")
     assert not (tmp_path / "o.edge").exists()
+
+
+def test_build_writes_a_transfer_signature_over_the_bundles_blocks(mlp_onnx: Path, release_key: KeyPair,
+                                                                   tmp_path: Path) -> None:
+    """Beside NAME.edge, NAME.edge.sig: the release key's signature over the bundle file's 256 KiB
+    blocks, which verifies against the file's own block hashes and not against any other's."""
+    import hashlib
+
+    from agent.errors import SignatureError
+    from agent.signing import read_transfer_signature, verify_transfer_signature
+
+    r = build(mlp_onnx, release_key, tmp_path / "m.edge", version="1.2.3")
+    assert r.transfer_signature == tmp_path / "m.edge.sig"
+    data = r.path.read_bytes()
+    blocks = [hashlib.sha256(data[i:i + 262144]).hexdigest() for i in range(0, len(data), 262144)]
+    sig, _ = read_transfer_signature(r.transfer_signature.read_bytes(), max_bytes=1 << 20, max_depth=16)
+    kw = {"subject_name": "mlp-1.2.3.edge", "shard_size": 262144, "length": len(data)}
+    assert verify_transfer_signature(sig, [release_key.trusted()], digests=blocks, **kw) == release_key.key_id
+    with pytest.raises(SignatureError):
+        verify_transfer_signature(sig, [release_key.trusted()], digests=[hashlib.sha256(b"").hexdigest()] * len(blocks),
+                                  **kw)

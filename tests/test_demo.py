@@ -92,6 +92,7 @@ def assert_whole_story(summary: dict[str, Any], stderr: str) -> None:
         assert b["accuracy_drop_pp"] <= b["max_accuracy_drop_pp"] and b["eval_samples"] == 397
         assert b["accuracy"] > 0.9
     assert by["publish-v2"]["detail"]["timestamp_version"] > by["publish-v1"]["detail"]["timestamp_version"]
+    assert by["publish-v1"]["detail"]["transfer_signer"] == v1["signer"]  # devices hash each block once
 
     install, rollout = by["install-v1"]["detail"], by["rollout-v2"]["detail"]
     assert sorted(install["devices"]) == sorted(rollout["devices"]) == DEVICES

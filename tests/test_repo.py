@@ -24,7 +24,8 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.bundle import inspect_bundle
 from agent.config import BundleLimits
-from agent.errors import KeyLoadError, UntrustedSigner, UsageError
+from agent.errors import BadData, KeyLoadError, UntrustedSigner, UsageError
+from agent.signing import TransferSignature
 from packager import repo_keys
 from packager.repo import (
     BLOCK_SIZE,
@@ -40,7 +41,8 @@ from packager.repo import (
     status,
     timestamp_version,
 )
-from packager.repo_publish import copy_hashed
+from packager.repo_publish import copy_hashed, transfer_signature_path
+from packager.signer import sign_transfer
 from packager.repo_store import rfc3339
 from tests.conftest import KeyPair, build
 
@@ -189,7 +191,10 @@ def test_fresh_client_gets_bundle_with_custom_fields(repo: Path, mlp_bundle: Pat
         "published": rfc3339(NOW),
         "block_size": 262144,
         "block_sha256": [hashlib.sha256(data[i:i + BLOCK_SIZE]).hexdigest() for i in range(0, len(data), BLOCK_SIZE)],
+        "transfer_signature": TransferSignature.from_json(info.custom["edgeship"]["transfer_signature"]).to_json(),
     }}
+    assert res.transfer_signer == release_key.key_id
+    assert info.custom["edgeship"]["transfer_signature"]["keyid"] == release_key.key_id
     assert fetch(up, V1, tmp_path / "got.edge") == data
 
     keys_doc = json.loads(fetch(up, "edgeship/release-keys.json", tmp_path / "rk.json"))
@@ -238,6 +243,42 @@ def test_untrusted_signer_refused(repo: Path, bundles: dict[str, Path]) -> None:
     before = snapshot_of(repo)
     with pytest.raises(UntrustedSigner):
         publish(repo, bundles["foreign"], now=NOW)
+    assert snapshot_of(repo) == before
+
+
+def test_a_bundle_without_its_transfer_signature_is_published_without_one(repo: Path, mlp_bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    alone = tmp_path / "alone" / mlp_bundle.name
+    alone.parent.mkdir()
+    shutil.copy(mlp_bundle, alone)
+    res = publish(repo, alone, now=NOW)
+    assert res.changed and res.transfer_signer is None
+    up = client(repo, tmp_path / "dev")
+    up.refresh()
+    info = up.get_targetinfo(V1)
+    assert info is not None and "transfer_signature" not in info.custom["edgeship"]
+
+
+@pytest.mark.parametrize("case", ["other-build", "foreign-key", "garbage"])
+def test_a_transfer_signature_that_does_not_fit_the_bundle_is_refused_and_nothing_published(
+        repo: Path, mlp_bundle: Path, bundles: dict[str, Path], other_key: KeyPair, tmp_path: Path, case: str) -> None:
+    here = tmp_path / "in" / mlp_bundle.name
+    here.parent.mkdir()
+    shutil.copy(mlp_bundle, here)
+    sidecar = transfer_signature_path(here)
+    if case == "other-build":  # the signature of another build of the same name and version
+        sidecar.write_bytes(transfer_signature_path(bundles["conflict"]).read_bytes())
+        error, match = BadData, "signs other bytes than this bundle's"
+    elif case == "foreign-key":  # the right blocks, signed by a key the repository does not trust
+        sidecar.write_bytes(sign_transfer(here, other_key.signing(), subject_name="mlp-1.0.0.edge",
+                                          shard_size=BLOCK_SIZE))
+        error, match = UntrustedSigner, "transfer signature .*not trusted"
+    else:
+        sidecar.write_bytes(b"{not json")
+        error, match = BadData, "transfer signature"
+    before = snapshot_of(repo)
+    with pytest.raises(error, match=match):
+        publish(repo, here, now=NOW)
     assert snapshot_of(repo) == before
 
 

@@ -74,6 +74,7 @@ def test_repo_commands_end_to_end(tmp_path: Path, mlp_bundle: Path, release_key:
 
     pub = as_json("publish", mlp_bundle, "--repo", r, "--group", "canary")
     assert pub["changed"] is True and pub["target_path"] == "mlp/mlp-1.0.0.edge" and pub["groups"] == ["canary"]
+    assert pub["transfer_signer"] == release_key.key_id  # build wrote mlp_bundle's .sig beside it
     assert "already published" in ok("publish", mlp_bundle, "--repo", r).stdout
 
     st = as_json("repo", "status", r)
@@ -81,6 +82,8 @@ def test_repo_commands_end_to_end(tmp_path: Path, mlp_bundle: Path, release_key:
     assert st["roles"][3]["version"] == 2 and st["roles"][3]["seconds_left"] <= 12 * 3600
     table = ok("repo", "status", r).stdout
     assert "mlp/mlp-1.0.0.edge" in table and "canary" in table and "release key " + release_key.key_id in table
+    signers = {t["path"]: t["transfer_signer"] for t in st["targets"]}
+    assert signers["mlp/mlp-1.0.0.edge"] == release_key.key_id and "no transfer signature" not in table
 
     rot = as_json("repo", "rotate", "timestamp", "--repo", r)
     assert rot["root_version"] == 2 and rot["role"] == "timestamp"
@@ -111,6 +114,14 @@ def test_errors_are_one_line(tmp_path: Path, mlp_onnx: Path, mlp_bundle: Path, r
     foreign = build(mlp_onnx, other_key, tmp_path / "f.edge", version="9.0.0").path
     fails(capsys, EXIT_BAD_DATA, "not trusted", "publish", foreign, "--repo", r)
     fails(capsys, EXIT_USAGE, "not an edgeship repository", "repo", "status", tmp_path)
+    v2 = build(mlp_onnx, release_key, tmp_path / "mlp-2.0.0.edge", version="2.0.0").path
+    sidecar = v2.with_name(v2.name + ".sig")
+    sidecar.write_bytes(sidecar.read_bytes().replace(b'"sig":"', b'"sig":"A', 1))
+    fails(capsys, EXIT_BAD_DATA, f"transfer signature {sidecar}: malformed signature", "publish", v2, "--repo", r)
+    sidecar.unlink()
+    out = ok("publish", v2, "--repo", r).stdout
+    assert "no transfer signature (mlp-2.0.0.edge.sig) beside the bundle" in out
+    assert "mlp/mlp-2.0.0.edge" in ok("repo", "status", r).stdout.split("(no transfer signature)")[0].splitlines()[-1]
     fails(capsys, EXIT_USAGE, "invalid group", "publish", mlp_bundle, "--repo", r, "--group", "A B")
     fails(capsys, EXIT_USAGE, "not an empty directory", "repo", "init", r, "--release-key", release_key.public)
     fails(capsys, EXIT_USAGE, "invalid duration", "repo", "init", tmp_path / "x", "--release-key",

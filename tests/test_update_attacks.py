@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,14 +21,18 @@ import pytest
 from agent.daemon import Agent
 from agent.errors import (
     BlockRejected, EdgeshipError, LimitExceeded, LinkError, MetadataDigestMismatch, MetadataExpired,
-    MetadataVersionError, UntrustedSigner, VersionConflict,
+    MetadataVersionError, SignatureError, UntrustedSigner, VersionConflict,
 )
+from agent.signing import read_transfer_signature
+from agent.archive import extract_archive, write_archive
+from agent.config import BundleLimits
 from agent.protocol import HINT_TOPIC, BlockRequest, MetaRequest, Reply, decode_reply, encode_reply, resp_topic
 from agent.settings import AgentConfig
 from packager.repo import BLOCK_SIZE, init_repo, publish, release_keys_add, release_keys_remove
 from packager.repo_chain import commit
 from packager.repo_keys import signers_for
 from packager.repo_store import Layout, load_chain, load_config, locked
+from packager.signer import sign_transfer
 from tests.conftest import KeyPair, build
 from tests.modelfactory import onnx_mlp
 from tests.mosquitto import Broker, broker_module  # noqa: F401 - fixture
@@ -324,6 +329,92 @@ def test_same_version_with_new_content_is_refused(broker_module: Broker, repo: P
         {k: v for k, v in before.items() if not k.startswith("models/")}
     assert agent.model_state("mlp").current.version == "1.0.0"  # type: ignore[union-attr]
     assert not evil.block_offsets()  # refused before a single block was fetched
+
+
+def _resign_targets(repo: Path, change: Callable[[dict[str, Any]], None], path: str = "mlp/mlp-1.1.0.edge") -> None:
+    """What a holder of the targets key could do: change a bundle target's custom fields and re-sign."""
+    layout = Layout(repo).require()
+    with locked(layout):
+        chain = load_chain(layout)
+        change(chain.targets.signed.targets[path].unrecognized_fields["custom"]["edgeship"])
+        root = chain.root.signed
+        keys = {"targets": signers_for(root, "targets", layout.keys_offline),
+                "snapshot": signers_for(root, "snapshot", layout.keys_online),
+                "timestamp": signers_for(root, "timestamp", layout.keys_online)}
+        commit(layout, chain, start="targets", keys=keys, expiry=load_config(layout).expiry, now=now())
+
+
+def _transfer_signature_of(bundle: Path, key: KeyPair, version: str = "1.1.0") -> dict[str, str]:
+    sig, _ = read_transfer_signature(sign_transfer(bundle, key.signing(), subject_name=f"mlp-{version}.edge",
+                                                   shard_size=BLOCK_SIZE), max_bytes=1 << 20, max_depth=16)
+    return sig.to_json()
+
+
+@pytest.mark.parametrize("forgery", ["unknown-key", "other-bundle"])
+def test_a_forged_transfer_signature_is_refused_before_any_block(
+        broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str, Path], other_key: KeyPair,
+        release_key: KeyPair, forgery: str) -> None:
+    """The targets key alone cannot make a device skip the member digests: the transfer signature
+    must be a release key's over exactly the blocks TUF lists, or the release is refused for good."""
+    d = Device(broker_module, repo, tmp_path / "state")
+    d.bootstrap()
+    publish(repo, bundles["1.1.0-big"], now=now())
+    if forgery == "unknown-key":  # the right blocks, signed by a key that is not a release key
+        forged, error = _transfer_signature_of(bundles["1.1.0-big"], other_key), UntrustedSigner
+    else:  # a genuine release-key signature, over another bundle's blocks
+        forged, error = _transfer_signature_of(bundles["1.1.0"], release_key), SignatureError
+    _resign_targets(repo, lambda es: es.update(transfer_signature=forged))
+    agent, evil, exc = d.attacked(None)
+    assert isinstance(exc, error) and "transfer signature" in str(exc)
+    assert not evil.block_offsets()
+    state = agent.model_state("mlp")
+    assert state.current.version == "1.0.0" and state.staged is None  # type: ignore[union-attr]
+    assert any(type(exc).__name__ in r for r in state.refused.values())
+
+
+def test_a_transfer_signature_vouches_for_the_bytes_and_install_still_checks_every_file(
+        broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str, Path], release_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a transfer signature the verifier checks the bundle's signature, names and manifest but
+    does not hash the files again (the release key signed every block): a file that no longer
+    matches model.sig, in a bundle the release key signed block by block (a broken build), is
+    staged; install hashes every file and refuses it."""
+    from agent.bundle import verify_stream
+    from agent.errors import DigestMismatch
+    from agent.install import prepare
+
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    with open(bundles["1.1.0-big"], "rb") as fh:
+        members = extract_archive(fh, unpacked, BundleLimits())
+    with open(unpacked / "labels.txt" if "labels.txt" in members else unpacked / "selftest.npz", "ab") as fh:
+        fh.write(b"\n")
+    odd = tmp_path / "broken" / "mlp-1.1.0.edge"
+    odd.parent.mkdir()
+    with open(odd, "wb") as out:
+        write_archive([(n, unpacked / n) for n in members], out)
+    (odd.parent / "mlp-1.1.0.edge.sig").write_bytes(
+        sign_transfer(odd, release_key.signing(), subject_name="mlp-1.1.0.edge", shard_size=BLOCK_SIZE))
+    d = Device(broker_module, repo, tmp_path / "state")
+    d.bootstrap()
+    def unhashed(path: Path, **kw: Any) -> Any:  # the broken build gets past publish's own check
+        with open(path, "rb") as fh:
+            return verify_stream(fh, member_digests=False, **kw)
+    monkeypatch.setattr("packager.repo_publish.verify_file", unhashed)
+    assert publish(repo, odd, now=now()).transfer_signer == release_key.key_id
+    events: list[dict[str, Any]] = []
+    agent = Agent(d.config, on_event=events.append)
+
+    async def go() -> None:
+        async with running_server(repo, d.broker.url):
+            await agent.run_once()
+    asyncio.run(go())
+    steps = [(e["step"], e.get("transfer_signer") or e.get("error")) for e in events if e.get("model") == "mlp"]
+    assert ("downloading", release_key.key_id) in steps and ("staged", None) in steps
+    staged = agent.model_state("mlp").staged  # it waits for 1.0.0's watch window to close
+    assert staged is not None and staged.version == "1.1.0"
+    with pytest.raises(DigestMismatch, match="does not match its signed digest"):
+        prepare(agent.store, staged, trusted_keys=[release_key.trusted()], facts=agent.facts, reserve_bytes=0)
 
 
 def test_a_signed_bundle_with_a_wrong_gzip_crc_is_staged_and_installed_alike(
