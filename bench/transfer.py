@@ -15,14 +15,15 @@ tests/mosquitto.py: set_tcp_nodelay, max_queued_messages 0 with a memory_limit, 
   here), each target line giving the ratio to both.
 * **floor** (``--floor``, on by default): bare paho request/response with the same settings and
   the same per-byte work as edgeship's download and verification (bench/rrfloor.py: a part file
-  written in place, read back by a second thread that hashes each block, inflates and hashes the
-  output), and no edgeship code: what request/response and verification cost on this machine
+  written in place, read back by a second thread that hashes each block and inflates the stream,
+  and with ``--no-transfer-signature`` hashes the output too), and no edgeship code: what request/response and verification cost on this machine
   whoever implements them. edgeship's *download* against this row is what edgeship itself costs.
 * **edgeship**: ``edgeship serve`` (a subprocess by default, as on a real deployment; ``--server
   thread`` runs it in this process) serves a fresh TUF repository holding the bundle, and a fresh
   ``Agent.run_once()`` (new state directory each time) connects, refreshes TUF, downloads every
   block (each hashed against TUF, which vouches for the whole file), verifies the bundle while it
-  arrives (unpack + member digests + signature) and stages it. *End-to-end* is from the start of ``run_once`` to "staged"; *download* is the
+  arrives (unpack + signature; the member digests too with ``--no-transfer-signature``, which
+  publishes the bundle without the transfer signature ``edgeship build`` wrote) and stages it. *End-to-end* is from the start of ``run_once`` to "staged"; *download* is the
   download step alone (between the agent's ``downloading`` and ``downloaded`` events).
 
 One unmeasured warm-up (``--warmup``) goes first; then the repetitions are interleaved (raw, then
@@ -67,7 +68,7 @@ from agent.protocol import HINT_TOPIC  # noqa: E402
 from agent.settings import AgentConfig  # noqa: E402
 from packager.repo import BLOCK_SIZE  # noqa: E402
 from bench.rrfloor import download as floor_download  # noqa: E402
-from bench.rrfloor import floor_server, inflated_sha256, paho_client  # noqa: E402
+from bench.rrfloor import floor_server, inflated_size, paho_client  # noqa: E402
 from tests.mosquitto import Broker, start_broker, stop_process  # noqa: E402
 from tests.updatechannel import make_repo  # noqa: E402
 
@@ -75,7 +76,7 @@ MODEL = "bench"
 VERSION = "1.0.0"
 DEVICE = "bench-device"
 TARGET_RATIO = 0.6
-CACHE_TAG = "r1"
+CACHE_TAG = "r2"
 """Bump when write_model changes, so a cached bundle of the old kind is not reused."""
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "edgeship-bench-transfer"
 
@@ -114,7 +115,7 @@ def cached_bundle(workdir: Path, size_mib: int) -> tuple[Path, Path]:
 
     cache = workdir / f"bundle-{size_mib}MiB-{CACHE_TAG}"
     bundle, pub = cache / f"{MODEL}-{VERSION}.edge", cache / "release.pub"
-    if bundle.is_file() and pub.is_file():
+    if bundle.is_file() and pub.is_file() and bundle.with_name(bundle.name + ".sig").is_file():
         return bundle, pub
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
@@ -313,12 +314,17 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
     bundle, pub = cached_bundle(workdir, args.size_mib)
     data = bundle.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    floor_expect = inflated_sha256(bundle) if args.floor else ""
+    floor_expect = inflated_size(bundle) if args.floor else 0
     res = Results(size=len(data), edgeship={s: [] for s in settings}, raw={k: [] for k in args.raw_kib},
                   floor={s: [] for s in settings} if args.floor else {})
     with tempfile.TemporaryDirectory(prefix="run-", dir=workdir) as tmp_name:
         tmp = Path(tmp_name)
-        repo = make_repo(tmp / "repo", pub, bundle)
+        published = bundle
+        if not args.transfer_signature:  # the bundle alone, without the .sig that build wrote beside it
+            published = tmp / "alone" / bundle.name
+            published.parent.mkdir()
+            shutil.copy(bundle, published)
+        repo = make_repo(tmp / "repo", pub, published)
         broker = start_broker(tmp / "mosquitto")
         try:
             serving = (server_process(repo, broker, tmp / "server.log") if args.server == "process"
@@ -337,7 +343,8 @@ def run(args: argparse.Namespace, settings: list[Setting], log: logging.Logger) 
                     for s in res.floor:
                         res.floor[s].append(floor_download(broker.host, broker.port, len(data), tmp / "floor.part",
                                                            in_flight=s.blocks_in_flight, request=s.request_kib * KiB,
-                                                           expect=floor_expect))
+                                                           expect=floor_expect,
+                                                           hash_output=not args.transfer_signature))
                         log.info("rep %d floor %s: %.1f MiB/s", rep + 1, s.label, len(data) / MiB / res.floor[s][-1])
                     for s in settings:
                         state = tmp / f"state-{rep}"
@@ -382,6 +389,7 @@ def summarize(res: Results, args: argparse.Namespace) -> dict[str, Any]:
             "target_met": e2e["mib_s"] / raw["mib_s"] >= TARGET_RATIO,
         })
     return {"bundle_bytes": res.size, "repeat": args.repeat, "warmup": args.warmup, "server": args.server,
+            "transfer_signature": args.transfer_signature,
             "raw_chunk": args.raw_kib[0] * KiB, "target_ratio": TARGET_RATIO, "raw": {**raw, "ratio": 1.0},
             "raw_rows": [{"chunk_kib": kib, **r, "ratio": r["mib_s"] / raw["mib_s"]} for kib, r in raws.items()],
             "floor": floors, "edgeship": rows}
@@ -391,7 +399,8 @@ def print_table(summary: dict[str, Any]) -> None:
     mib = summary["bundle_bytes"] / MiB
     where = "a subprocess" if summary["server"] == "process" else "a thread of the agent's process"
     print(f"\ntransfer bench: {mib:.2f} MiB bundle through Mosquitto on 127.0.0.1, server in {where}, "
-          f"{summary['repeat']} repetitions (median, range, ratio to the raw median)")
+          f"{summary['repeat']} repetitions (median, range, ratio to the raw median), published "
+          + ("with its transfer signature" if summary["transfer_signature"] else "WITHOUT its transfer signature"))
     print(f"  {'path':<58} {'MiB/s':>8} {'range':>15} {'vs raw':>7}")
 
     def line(label: str, r: dict[str, Any]) -> None:
@@ -451,6 +460,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured raw + edgeship runs first (default 1)")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the bare request/response floor (bench/rrfloor.py; default on)")
+    ap.add_argument("--transfer-signature", action=argparse.BooleanOptionalAction, default=True,
+                    help="publish the bundle with its transfer signature (default), so that devices hash "
+                         "each byte once; --no-transfer-signature publishes it alone (they hash it twice)")
     ap.add_argument("--server", choices=["process", "thread"], default="process",
                     help="edgeship serve as a subprocess (default) or a thread of this process")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache for the bundle and scratch space")

@@ -30,13 +30,13 @@ def test_bench_imports_and_parses_its_flags(name: str) -> None:
 
 def test_the_transfer_floor_does_all_its_work(tmp_path: Path) -> None:
     """bench/rrfloor.py (the bare request/response row of bench/transfer.py) fetches every byte
-    through a real Mosquitto and inflates it to the right digest (a wrong one fails it), with the
+    through a real Mosquitto and inflates all of it (a wrong expected size fails it), with the
     paho window the agent's own client gets."""
     import gzip
     import os
 
     from agent.mqtt import MAX_INFLIGHT
-    from bench.rrfloor import IN_FLIGHT, download, floor_server, inflated_sha256
+    from bench.rrfloor import IN_FLIGHT, download, floor_server, inflated_size
     from tests.mosquitto import start_broker
 
     assert IN_FLIGHT == MAX_INFLIGHT
@@ -47,10 +47,11 @@ def test_the_transfer_floor_does_all_its_work(tmp_path: Path) -> None:
     try:
         with floor_server(broker.host, broker.port, bundle):
             seconds = download(broker.host, broker.port, bundle.stat().st_size, tmp_path / "part",
-                               in_flight=4, request=512 * 1024, expect=inflated_sha256(bundle))
+                               in_flight=4, request=512 * 1024, expect=inflated_size(bundle))
             assert seconds > 0
-            with pytest.raises(RuntimeError, match="does not hash as expected"):
+            assert inflated_size(bundle) == 3 * 1024 * 1024 + 1234
+            with pytest.raises(RuntimeError, match=f"inflated to {3 * 1024 * 1024 + 1234} bytes, not 5"):
                 download(broker.host, broker.port, bundle.stat().st_size, tmp_path / "part",
-                         in_flight=4, request=256 * 1024, expect="0" * 64)
+                         in_flight=4, request=256 * 1024, expect=5)
     finally:
         broker.stop()
