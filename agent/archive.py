@@ -47,7 +47,7 @@ from agent.errors import ArchiveError, LimitExceeded, UsageError
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 """Every member name, written or read. Bundles are flat: no ``/`` ever."""
 
 MAX_PAX_BYTES = 4 * KiB

@@ -30,12 +30,12 @@ DTYPES: tuple[str, ...] = get_args(DType)
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z"
 )
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_ARCH = re.compile(r"^[a-z0-9_]{1,32}$")
-_VERSION_NUM = re.compile(r"^\d+(\.\d+){0,3}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_ARCH = re.compile(r"^[a-z0-9_]{1,32}\Z")
+_VERSION_NUM = re.compile(r"^\d+(\.\d+){0,3}\Z")
 
 
 def check_name(name: str) -> str:

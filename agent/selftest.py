@@ -50,7 +50,7 @@ __all__ = [
 
 CASES_FORMAT = 1
 _META = "meta.npy"
-_MEMBER = re.compile(r"^(in|out)\.(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})\.npy$")
+_MEMBER = re.compile(r"^(in|out)\.(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})\.npy\Z")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _MAX_META_BYTES = 1 << 20
 _ALLOWED_DTYPES = frozenset(np.dtype(d) for d in DTYPES)

@@ -54,7 +54,7 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 SERIALIZATION_METHOD = "files"
 HASH_TYPE = "sha256"
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _MAX_LISTED_PROBLEMS = 10
 
 

@@ -19,7 +19,7 @@ from packager import repo as lib
 from packager.repo_publish import transfer_signature_path
 from packager.repo_store import ROLES, Expiry
 
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION = re.compile(r"^(\d+)([smhdw])\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 262144
 """Bytes per entry of a bundle target's ``block_sha256`` list (the last block may be shorter)."""
-_GROUP = re.compile(r"^[a-z0-9._-]{1,64}$")
+_GROUP = re.compile(r"^[a-z0-9._-]{1,64}\Z")
 
 
 @dataclass(frozen=True, kw_only=True)
