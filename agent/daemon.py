@@ -322,14 +322,15 @@ class Agent:
         transfer_signer = None
         if rel.transfer_signature is not None:
             # A release key signed these block hashes: once each block matches, the bytes are the
-            # release's, and the verifier need not hash the members again. Checked before any download.
+            # release's, and the verifier need not hash the members again. One that does not verify
+            # (a mistake or a forgery in the targets metadata) only costs that shortcut: the members
+            # are hashed and checked against the bundle's own signature, as without one.
             try:
                 transfer_signer = verify_transfer_signature(
                     rel.transfer_signature, view.release_keys, subject_name=transfer_subject(rel.name, rel.version),
                     shard_size=rel.target.block_size, length=rel.target.length, digests=rel.target.block_sha256)
             except BadData as e:
-                self._refuse(state, rel, e)
-                raise
+                log.warning("%s %s: ignoring its %s; every file will be hashed", model, rel.version, e)
         self._event("downloading", model=model, version=rel.version, bytes=rel.target.length,
                     **({"transfer_signer": transfer_signer} if transfer_signer else {}))
         stats = DownloadStats()

@@ -62,7 +62,9 @@ def prepare(store: Store, staged: Held, *, trusted_keys: Sequence[TrustedKey], f
     bundle = store.bundle_path(staged.sha256)
     final = store.release_dir(staged.sha256)
     # The file's SHA-256 is the one TUF signed (checked below), so the gzip CRC-32 is skipped here
-    # as when the download was verified: the device never refuses at install what it staged.
+    # as when the download was verified: the device never refuses at install for the CRC what it
+    # staged. The member digests are checked here whatever the download skipped (a bundle with a
+    # transfer signature is staged without them).
     checked = verify_file(bundle, trusted_keys=trusted_keys, gzip_crc=False)
     if checked.sha256 != staged.sha256:
         raise DigestMismatch(f"staged bundle {bundle.name} changed on disk (sha256 {(checked.sha256 or '')[:12]})")

@@ -429,8 +429,9 @@ class TransferSignature:
 
 
 def transfer_subject(name: str, version: str) -> str:
-    """The subject a bundle's transfer signature names: the bundle's canonical file name."""
-    return f"{name}-{version}.edge"
+    """The subject a bundle's transfer signature names: its TUF target path, ``NAME/NAME-VERSION.edge``
+    (the directory makes it unambiguous: ``a-1.0.0`` 2.0.0 and ``a`` 1.0.0-2.0.0 differ)."""
+    return f"{name}/{name}-{version}.edge"
 
 
 def verify_transfer_signature(signature: TransferSignature, trusted_keys: Sequence[TrustedKey], *,
@@ -447,7 +448,7 @@ def verify_transfer_signature(signature: TransferSignature, trusted_keys: Sequen
     try:
         return _verify_envelope(env, trusted_keys)
     except UntrustedSigner as e:
-        raise UntrustedSigner(f"transfer signature: {e}") from None
+        raise UntrustedSigner(f"transfer signature {e}") from None
     except SignatureError:
         raise SignatureError(f"transfer signature by key {signature.key_id[:16]}... does not cover "
                              f"these {len(digests)} blocks of {subject_name}") from None

@@ -223,7 +223,11 @@ def parse_release(tf: TargetFile, *, hash_prefix: bool) -> Release | None:
         raise BadData(f"{where}: block_size must be an integer")
     transfer = es.get("transfer_signature")
     if transfer is not None:
-        transfer = TransferSignature.from_json(transfer)
+        try:
+            transfer = TransferSignature.from_json(transfer)
+        except BadData as e:  # only the shortcut is lost: the device hashes every file, as without one
+            log.warning("%s: ignoring its transfer signature: %s", where, e)
+            transfer = None
     dirname, sep, base = tf.path.rpartition("/")
     url_path = f"{dirname}{sep}{sha}.{base}" if hash_prefix else tf.path
     try:

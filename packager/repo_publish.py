@@ -19,7 +19,7 @@ from tuf.api.metadata import TargetFile
 
 from agent.bundle import verify_file
 from agent.config import BundleLimits
-from agent.errors import BadData, LimitExceeded, UsageError
+from agent.errors import BadData, LimitExceeded, SignatureError, UsageError
 from agent.keys import TrustedKey
 from agent.manifest import Manifest
 from agent.signing import (
@@ -108,11 +108,10 @@ def transfer_signature_path(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + ".sig")
 
 
-def check_transfer_signature(sidecar: Path, manifest: Manifest, incoming: Incoming,
-                             trusted: Sequence[TrustedKey]) -> TransferSignature | None:
-    """The bundle's transfer signature, checked against its blocks and the release keys; None if absent.
-
-    Bad input is a :class:`BadData` naming the file: a device would refuse the release for it."""
+def check_transfer_signature(sidecar: Path, manifest: Manifest, incoming: Incoming, trusted: Sequence[TrustedKey],
+                             signer: str) -> TransferSignature | None:
+    """The bundle's transfer signature, checked against its blocks and ``signer`` (the key that signed
+    the bundle, a release key); None if absent. Bad input is a :class:`BadData` naming the file."""
     expected = shard_statement(subject_name=transfer_subject(manifest.name, manifest.version), shard_size=BLOCK_SIZE,
                                length=incoming.length, digests=incoming.blocks)
     try:
@@ -123,13 +122,19 @@ def check_transfer_signature(sidecar: Path, manifest: Manifest, incoming: Incomi
         raise UsageError(f"cannot read transfer signature {sidecar}: {e.strerror}") from None
     try:
         sig, payload = read_transfer_signature(data, max_bytes=2 * len(expected) + 4096, max_depth=16)
-        if payload != expected:
-            raise BadData(f"it signs other bytes than this bundle's {len(incoming.blocks)} blocks of "
-                          f"{BLOCK_SIZE} bytes (another build, or not written by edgeship build)")
-        verify_transfer_signature(sig, trusted, subject_name=transfer_subject(manifest.name, manifest.version), shard_size=BLOCK_SIZE,
-                                  length=incoming.length, digests=incoming.blocks)
     except BadData as e:
         raise type(e)(f"transfer signature {sidecar}: {e}") from None
+    if payload != expected:
+        raise BadData(f"transfer signature {sidecar} signs other bytes than this bundle's {len(incoming.blocks)} "
+                      f"blocks of {BLOCK_SIZE} bytes (another build, or not written by edgeship build)")
+    try:
+        verify_transfer_signature(sig, trusted, subject_name=transfer_subject(manifest.name, manifest.version),
+                                  shard_size=BLOCK_SIZE, length=incoming.length, digests=incoming.blocks)
+    except BadData as e:
+        raise type(e)(f"{sidecar}: {e}") from None
+    if sig.key_id != signer:
+        raise SignatureError(f"{sidecar}: transfer signature by key {sig.key_id[:16]}..., the bundle by "
+                              f"{signer[:16]}...: edgeship build signs both with one key")
     return sig
 
 
@@ -160,16 +165,16 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
         # One streaming pass, nothing unpacked: the file's own hashes came from copy_hashed.
         checked = verify_file(incoming.path, trusted_keys=trusted, limits=limits, file_sha256=False)
         manifest, signer = checked.manifest, checked.statement.signer_key_id
-        transfer = check_transfer_signature(transfer_signature_path(bundle), manifest, incoming, trusted)
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.edge"
         stored = layout.target_file(target_path, incoming.sha256)
 
-        def result(changed: bool, message: str, published_groups: tuple[str, ...]) -> PublishResult:
+        def result(changed: bool, message: str, published_groups: tuple[str, ...],
+                   transfer_signer: str | None) -> PublishResult:
             log.info("%s", message)
             return PublishResult(changed=changed, message=message, target_path=target_path, stored_path=stored,
                                  name=manifest.name, version=manifest.version, length=incoming.length,
                                  sha256=incoming.sha256, groups=published_groups, signer=signer,
-                                 transfer_signer=transfer.key_id if transfer is not None else None,
+                                 transfer_signer=transfer_signer,
                                  targets_version=chain.targets.signed.version,
                                  timestamp_version=chain.timestamp.signed.version)
 
@@ -184,7 +189,10 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
             message = f"{manifest.name} {manifest.version} is already published with these bytes; nothing changed"
             if old_groups != groups:
                 message += f" (its groups stay {', '.join(old_groups) or 'all devices'})"
-            return result(False, message, old_groups)
+            old_transfer = (existing.custom or {}).get("edgeship", {}).get("transfer_signature")
+            return result(False, message, old_groups,
+                          old_transfer.get("keyid") if isinstance(old_transfer, dict) else None)
+        transfer = check_transfer_signature(transfer_signature_path(bundle), manifest, incoming, trusted, signer)
         if not stored.exists():
             move_atomic(incoming.path, stored)
         chain.targets.signed.targets[target_path] = TargetFile(
@@ -193,6 +201,6 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
         commit()
         message = (f"published {manifest.name} {manifest.version} for {', '.join(groups) or 'all devices'}: "
                    f"targets v{chain.targets.signed.version}, timestamp v{chain.timestamp.signed.version}")
-        return result(True, message, groups)
+        return result(True, message, groups, transfer.key_id if transfer is not None else None)
     finally:
         incoming.path.unlink(missing_ok=True)

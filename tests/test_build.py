@@ -91,7 +91,7 @@ def test_build_writes_a_transfer_signature_over_the_bundles_blocks(mlp_onnx: Pat
     data = r.path.read_bytes()
     blocks = [hashlib.sha256(data[i:i + 262144]).hexdigest() for i in range(0, len(data), 262144)]
     sig, _ = read_transfer_signature(r.transfer_signature.read_bytes(), max_bytes=1 << 20, max_depth=16)
-    kw = {"subject_name": "mlp-1.2.3.edge", "shard_size": 262144, "length": len(data)}
+    kw = {"subject_name": "mlp/mlp-1.2.3.edge", "shard_size": 262144, "length": len(data)}
     assert verify_transfer_signature(sig, [release_key.trusted()], digests=blocks, **kw) == release_key.key_id
     with pytest.raises(SignatureError):
         verify_transfer_signature(sig, [release_key.trusted()], digests=[hashlib.sha256(b"").hexdigest()] * len(blocks),

@@ -23,7 +23,7 @@ from model_signing import hashing, signing, verifying  # noqa: E402
 from agent.errors import DigestMismatch, SignatureError  # noqa: E402
 from agent.keys import load_public_key  # noqa: E402
 from agent.manifest import SIGNATURE_NAME  # noqa: E402
-from agent.signing import build_statement, check_resources, verify_signature  # noqa: E402
+from agent.signing import build_statement, check_resources, transfer_subject, verify_signature  # noqa: E402
 from packager.keys import GeneratedKey, generate_keypair, load_private_key  # noqa: E402
 from packager.signer import sign_directory, sign_transfer  # noqa: E402
 
@@ -172,7 +172,7 @@ def test_our_transfer_signature_verifies_with_model_signing_shards_and_catches_a
     bundle.write_bytes(bytes(range(256)) * 2500)  # 640000 bytes: two whole shards and a short one
     sidecar = tmp_path / "m-1.0.0.edge.sig"
     key = load_private_key(keypair.private_path, passphrase=None)
-    sidecar.write_bytes(sign_transfer(bundle, key, subject_name="m-1.0.0.edge", shard_size=262144))
+    sidecar.write_bytes(sign_transfer(bundle, key, subject_name=transfer_subject("m", "1.0.0"), shard_size=262144))
     upstream = verifying.Config().use_elliptic_key_verifier(public_key=keypair.public_path).set_hashing_config(
         hashing.Config().use_shard_serialization(shard_size=262144))
     upstream.verify(bundle, sidecar)

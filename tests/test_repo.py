@@ -24,8 +24,8 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.bundle import inspect_bundle
 from agent.config import BundleLimits
-from agent.errors import BadData, KeyLoadError, UntrustedSigner, UsageError
-from agent.signing import TransferSignature
+from agent.errors import BadData, KeyLoadError, SignatureError, UntrustedSigner, UsageError
+from agent.signing import TransferSignature, transfer_subject
 from packager import repo_keys
 from packager.repo import (
     BLOCK_SIZE,
@@ -259,7 +259,7 @@ def test_a_bundle_without_its_transfer_signature_is_published_without_one(repo: 
     assert info is not None and "transfer_signature" not in info.custom["edgeship"]
 
 
-@pytest.mark.parametrize("case", ["other-build", "foreign-key", "garbage"])
+@pytest.mark.parametrize("case", ["other-build", "foreign-key", "second-release-key", "garbage"])
 def test_a_transfer_signature_that_does_not_fit_the_bundle_is_refused_and_nothing_published(
         repo: Path, mlp_bundle: Path, bundles: dict[str, Path], other_key: KeyPair, tmp_path: Path, case: str) -> None:
     here = tmp_path / "in" / mlp_bundle.name
@@ -270,9 +270,14 @@ def test_a_transfer_signature_that_does_not_fit_the_bundle_is_refused_and_nothin
         sidecar.write_bytes(transfer_signature_path(bundles["conflict"]).read_bytes())
         error, match = BadData, "signs other bytes than this bundle's"
     elif case == "foreign-key":  # the right blocks, signed by a key the repository does not trust
-        sidecar.write_bytes(sign_transfer(here, other_key.signing(), subject_name="mlp-1.0.0.edge",
+        sidecar.write_bytes(sign_transfer(here, other_key.signing(), subject_name=transfer_subject("mlp", "1.0.0"),
                                           shard_size=BLOCK_SIZE))
         error, match = UntrustedSigner, "transfer signature .*not trusted"
+    elif case == "second-release-key":  # a release key, but not the one that signed the bundle
+        release_keys_add(repo, other_key.public, now=NOW)
+        sidecar.write_bytes(sign_transfer(here, other_key.signing(), subject_name=transfer_subject("mlp", "1.0.0"),
+                                          shard_size=BLOCK_SIZE))
+        error, match = SignatureError, "signs both with one key"
     else:
         sidecar.write_bytes(b"{not json")
         error, match = BadData, "transfer signature"
@@ -280,6 +285,17 @@ def test_a_transfer_signature_that_does_not_fit_the_bundle_is_refused_and_nothin
     with pytest.raises(error, match=match):
         publish(repo, here, now=NOW)
     assert snapshot_of(repo) == before
+
+
+def test_republishing_the_same_bytes_reports_the_stored_transfer_signature_whatever_lies_beside_them(
+        repo: Path, mlp_bundle: Path, tmp_path: Path) -> None:
+    first = publish(repo, mlp_bundle, now=NOW)
+    here = tmp_path / "again" / mlp_bundle.name
+    here.parent.mkdir()
+    shutil.copy(mlp_bundle, here)
+    transfer_signature_path(here).write_bytes(b"stale")  # not read: nothing is published
+    again = publish(repo, here, now=NOW)
+    assert not again.changed and again.transfer_signer == first.transfer_signer is not None
 
 
 def test_invalid_group_and_missing_keys(repo: Path, mlp_bundle: Path, tmp_path: Path) -> None:

@@ -551,7 +551,7 @@ def test_a_transfer_signature_verifies_against_the_digests_it_was_made_for() -> 
         verify_transfer_signature(sig, [_trusted(RELEASE)], digests=digests, **{**kw, "subject_name": "m-1.0.1.edge"})
     with pytest.raises(SignatureError, match="3 shard digests for 10240 bytes in shards of 8192"):
         verify_transfer_signature(sig, [_trusted(RELEASE)], digests=digests, **{**kw, "shard_size": 8192})
-    with pytest.raises(UntrustedSigner, match="transfer signature: signed by key .* not trusted"):
+    with pytest.raises(UntrustedSigner, match="transfer signature signed by key .* not trusted"):
         verify_transfer_signature(sig, [_trusted(OTHER)], digests=digests, **kw)
 
 

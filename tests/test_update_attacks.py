@@ -21,14 +21,16 @@ import pytest
 from agent.daemon import Agent
 from agent.errors import (
     BlockRejected, EdgeshipError, LimitExceeded, LinkError, MetadataDigestMismatch, MetadataExpired,
-    MetadataVersionError, SignatureError, UntrustedSigner, VersionConflict,
+    MetadataVersionError, UntrustedSigner, VersionConflict,
 )
-from agent.signing import read_transfer_signature
+from agent.errors import DigestMismatch
+from agent.signing import read_transfer_signature, transfer_subject
 from agent.archive import extract_archive, write_archive
 from agent.config import BundleLimits
 from agent.protocol import HINT_TOPIC, BlockRequest, MetaRequest, Reply, decode_reply, encode_reply, resp_topic
 from agent.settings import AgentConfig
 from packager.repo import BLOCK_SIZE, init_repo, publish, release_keys_add, release_keys_remove
+from packager.repo_publish import PublishResult, transfer_signature_path
 from packager.repo_chain import commit
 from packager.repo_keys import signers_for
 from packager.repo_store import Layout, load_chain, load_config, locked
@@ -345,76 +347,104 @@ def _resign_targets(repo: Path, change: Callable[[dict[str, Any]], None], path: 
 
 
 def _transfer_signature_of(bundle: Path, key: KeyPair, version: str = "1.1.0") -> dict[str, str]:
-    sig, _ = read_transfer_signature(sign_transfer(bundle, key.signing(), subject_name=f"mlp-{version}.edge",
+    sig, _ = read_transfer_signature(sign_transfer(bundle, key.signing(), subject_name=transfer_subject("mlp", version),
                                                    shard_size=BLOCK_SIZE), max_bytes=1 << 20, max_depth=16)
     return sig.to_json()
 
 
-@pytest.mark.parametrize("forgery", ["unknown-key", "other-bundle"])
-def test_a_forged_transfer_signature_is_refused_before_any_block(
-        broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str, Path], other_key: KeyPair,
-        release_key: KeyPair, forgery: str) -> None:
-    """The targets key alone cannot make a device skip the member digests: the transfer signature
-    must be a release key's over exactly the blocks TUF lists, or the release is refused for good."""
-    d = Device(broker_module, repo, tmp_path / "state")
-    d.bootstrap()
-    publish(repo, bundles["1.1.0-big"], now=now())
-    if forgery == "unknown-key":  # the right blocks, signed by a key that is not a release key
-        forged, error = _transfer_signature_of(bundles["1.1.0-big"], other_key), UntrustedSigner
-    else:  # a genuine release-key signature, over another bundle's blocks
-        forged, error = _transfer_signature_of(bundles["1.1.0"], release_key), SignatureError
-    _resign_targets(repo, lambda es: es.update(transfer_signature=forged))
-    agent, evil, exc = d.attacked(None)
-    assert isinstance(exc, error) and "transfer signature" in str(exc)
-    assert not evil.block_offsets()
-    state = agent.model_state("mlp")
-    assert state.current.version == "1.0.0" and state.staged is None  # type: ignore[union-attr]
-    assert any(type(exc).__name__ in r for r in state.refused.values())
-
-
-def test_a_transfer_signature_vouches_for_the_bytes_and_install_still_checks_every_file(
-        broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str, Path], release_key: KeyPair,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a transfer signature the verifier checks the bundle's signature, names and manifest but
-    does not hash the files again (the release key signed every block): a file that no longer
-    matches model.sig, in a bundle the release key signed block by block (a broken build), is
-    staged; install hashes every file and refuses it."""
-    from agent.bundle import verify_stream
-    from agent.errors import DigestMismatch
-    from agent.install import prepare
-
+@pytest.fixture
+def broken_build(tmp_path: Path, bundles: dict[str, Path], release_key: KeyPair) -> Path:
+    """mlp 1.1.0 whose selftest.npz no longer matches model.sig (as a broken build could make it), with a
+    genuine transfer signature beside it: the release key signed these exact blocks."""
     unpacked = tmp_path / "unpacked"
     unpacked.mkdir()
     with open(bundles["1.1.0-big"], "rb") as fh:
         members = extract_archive(fh, unpacked, BundleLimits())
-    with open(unpacked / "labels.txt" if "labels.txt" in members else unpacked / "selftest.npz", "ab") as fh:
+    with open(unpacked / "selftest.npz", "ab") as fh:
         fh.write(b"\n")
     odd = tmp_path / "broken" / "mlp-1.1.0.edge"
     odd.parent.mkdir()
     with open(odd, "wb") as out:
         write_archive([(n, unpacked / n) for n in members], out)
-    (odd.parent / "mlp-1.1.0.edge.sig").write_bytes(
-        sign_transfer(odd, release_key.signing(), subject_name="mlp-1.1.0.edge", shard_size=BLOCK_SIZE))
-    d = Device(broker_module, repo, tmp_path / "state")
-    d.bootstrap()
-    def unhashed(path: Path, **kw: Any) -> Any:  # the broken build gets past publish's own check
+    transfer_signature_path(odd).write_bytes(
+        sign_transfer(odd, release_key.signing(), subject_name=transfer_subject("mlp", "1.1.0"), shard_size=BLOCK_SIZE))
+    return odd
+
+
+def _publish_unchecked(repo: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> PublishResult:
+    """Publish without the member digests publish itself checks (so that a broken build gets in)."""
+    from agent.bundle import verify_stream
+
+    def unhashed(path: Path, **kw: Any) -> Any:
         with open(path, "rb") as fh:
             return verify_stream(fh, member_digests=False, **kw)
-    monkeypatch.setattr("packager.repo_publish.verify_file", unhashed)
-    assert publish(repo, odd, now=now()).transfer_signer == release_key.key_id
+    with monkeypatch.context() as m:
+        m.setattr("packager.repo_publish.verify_file", unhashed)
+        return publish(repo, bundle, now=now())
+
+
+def _cycle(d: Device) -> tuple[Agent, list[dict[str, Any]], EdgeshipError | None]:
+    """One update cycle through the honest server: the agent, its events for mlp, what run_once raised."""
     events: list[dict[str, Any]] = []
     agent = Agent(d.config, on_event=events.append)
+    raised: list[EdgeshipError] = []
 
     async def go() -> None:
-        async with running_server(repo, d.broker.url):
-            await agent.run_once()
+        async with running_server(d.repo, d.broker.url):
+            try:
+                await agent.run_once()
+            except EdgeshipError as e:
+                raised.append(e)
     asyncio.run(go())
-    steps = [(e["step"], e.get("transfer_signer") or e.get("error")) for e in events if e.get("model") == "mlp"]
-    assert ("downloading", release_key.key_id) in steps and ("staged", None) in steps
+    return agent, [e for e in events if e.get("model") == "mlp"], raised[0] if raised else None
+
+
+def test_a_transfer_signature_vouches_for_the_bytes_and_install_still_checks_every_file(
+        broker_module: Broker, repo: Path, tmp_path: Path, broken_build: Path, release_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a transfer signature the verifier checks the bundle's signature, names and manifest but
+    does not hash the files again (the release key signed every block): a file that no longer
+    matches model.sig, in a bundle the release key signed block by block, is staged; install hashes
+    every file and refuses it."""
+    from agent.install import prepare
+
+    d = Device(broker_module, repo, tmp_path / "state")
+    d.bootstrap()
+    assert _publish_unchecked(repo, broken_build, monkeypatch).transfer_signer == release_key.key_id
+    agent, events, exc = _cycle(d)
+    assert exc is None
+    assert any(e["step"] == "downloading" and e.get("transfer_signer") == release_key.key_id for e in events)
     staged = agent.model_state("mlp").staged  # it waits for 1.0.0's watch window to close
     assert staged is not None and staged.version == "1.1.0"
-    with pytest.raises(DigestMismatch, match="does not match its signed digest"):
+    with pytest.raises(DigestMismatch, match="selftest.npz' does not match its signed digest"):
         prepare(agent.store, staged, trusted_keys=[release_key.trusted()], facts=agent.facts, reserve_bytes=0)
+
+
+@pytest.mark.parametrize("forgery", ["unknown-key", "other-bundle", "malformed"])
+def test_a_forged_transfer_signature_does_not_spare_a_single_member_digest(
+        broker_module: Broker, repo: Path, tmp_path: Path, bundles: dict[str, Path], broken_build: Path,
+        other_key: KeyPair, release_key: KeyPair, monkeypatch: pytest.MonkeyPatch, forgery: str) -> None:
+    """The targets key alone cannot make a device skip the member digests: a transfer signature that
+    is not a release key's over exactly the blocks TUF lists is ignored, so the bundle is checked
+    file by file as without one, and the broken build is refused before it is staged."""
+    d = Device(broker_module, repo, tmp_path / "state")
+    d.bootstrap()
+    transfer_signature_path(broken_build).unlink()
+    assert _publish_unchecked(repo, broken_build, monkeypatch).transfer_signer is None
+    forged: Any
+    if forgery == "unknown-key":  # the right blocks, signed by a key that is not a release key
+        forged = _transfer_signature_of(broken_build, other_key)
+    elif forgery == "other-bundle":  # a genuine release-key signature, over another bundle's blocks
+        forged = _transfer_signature_of(bundles["1.1.0"], release_key)
+    else:
+        forged = {"keyid": release_key.key_id, "sig": "not base64"}
+    _resign_targets(repo, lambda es: es.update(transfer_signature=forged))
+    agent, events, exc = _cycle(d)
+    assert isinstance(exc, DigestMismatch) and "selftest.npz" in str(exc)
+    assert [e for e in events if e["step"] == "downloading" and "transfer_signer" not in e]
+    state = agent.model_state("mlp")
+    assert state.current.version == "1.0.0" and state.staged is None  # type: ignore[union-attr]
+    assert any("DigestMismatch" in r and "selftest.npz" in r for r in state.refused.values())
 
 
 def test_a_signed_bundle_with_a_wrong_gzip_crc_is_staged_and_installed_alike(
