@@ -76,7 +76,7 @@ MODEL = "bench"
 VERSION = "1.0.0"
 DEVICE = "bench-device"
 TARGET_RATIO = 0.6
-CACHE_TAG = "r2"
+CACHE_TAG = "r3"
 """Bump when write_model changes, so a cached bundle of the old kind is not reused."""
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "edgeship-bench-transfer"
 
