@@ -451,7 +451,7 @@ def verify_transfer_signature(signature: TransferSignature, trusted_keys: Sequen
         raise UntrustedSigner(f"transfer signature {e}") from None
     except SignatureError:
         raise SignatureError(f"transfer signature by key {signature.key_id[:16]}... does not cover "
-                             f"these {len(digests)} blocks of {subject_name}") from None
+                             f"these {len(digests)} block{'s' if len(digests) != 1 else ''} of {subject_name}") from None
 
 
 def read_transfer_signature(data: bytes, *, max_bytes: int, max_depth: int) -> tuple[TransferSignature, bytes]:

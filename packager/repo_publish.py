@@ -125,8 +125,10 @@ def check_transfer_signature(sidecar: Path, manifest: Manifest, incoming: Incomi
     except BadData as e:
         raise type(e)(f"transfer signature {sidecar}: {e}") from None
     if payload != expected:
-        raise BadData(f"transfer signature {sidecar} signs other bytes than this bundle's {len(incoming.blocks)} "
-                      f"blocks of {BLOCK_SIZE} bytes (another build, or not written by edgeship build)")
+        n = len(incoming.blocks)
+        raise BadData(f"transfer signature {sidecar} signs other bytes than this bundle's {n} "
+                      f"block{'s' if n != 1 else ''} of {BLOCK_SIZE} bytes (another build, or not written by "
+                      "edgeship build)")
     try:
         verify_transfer_signature(sig, trusted, subject_name=transfer_subject(manifest.name, manifest.version),
                                   shard_size=BLOCK_SIZE, length=incoming.length, digests=incoming.blocks)
