@@ -104,16 +104,8 @@ def build_statement(
     serialization: dict[str, Any] = {"method": SERIALIZATION_METHOD, "allow_symlinks": False, "hash_type": HASH_TYPE}
     if ignore_paths:  # model-signing omits the field when nothing is ignored
         serialization["ignore_paths"] = list(ignore_paths)
-    statement = {
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": subject_name, "digest": {"sha256": _root_digest(resources[n] for n in names)}}],
-        "predicateType": PREDICATE_TYPE,
-        "predicate": {
-            "serialization": serialization,
-            "resources": [{"name": n, "algorithm": HASH_TYPE, "digest": resources[n]} for n in names],
-        },
-    }
-    return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _statement_bytes(subject_name, serialization,
+                            [{"name": n, "algorithm": HASH_TYPE, "digest": resources[n]} for n in names])
 
 
 def shard_statement(*, subject_name: str, shard_size: int, length: int, digests: Sequence[str]) -> bytes:
@@ -136,15 +128,18 @@ def shard_statement(*, subject_name: str, shard_size: int, length: int, digests:
     algorithm = f"{HASH_TYPE}-sharded-{shard_size}"
     resources = [{"name": f".:{start}:{min(start + shard_size, length)}", "algorithm": algorithm, "digest": d}
                  for start, d in zip(range(0, length, shard_size), digests)]
+    return _statement_bytes(subject_name, {"method": "shards", "allow_symlinks": False, "hash_type": HASH_TYPE,
+                                           "shard_size": shard_size}, resources)
+
+
+def _statement_bytes(subject_name: str, serialization: dict[str, Any], resources: list[dict[str, str]]) -> bytes:
+    """A model-signing v1.0 statement, canonical: sorted keys, no insignificant whitespace. The
+    subject's digest is the SHA-256 of the resources' raw digests, in the order listed."""
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": subject_name, "digest": {"sha256": _root_digest(digests)}}],
+        "subject": [{"name": subject_name, "digest": {"sha256": _root_digest(r["digest"] for r in resources)}}],
         "predicateType": PREDICATE_TYPE,
-        "predicate": {
-            "serialization": {"method": "shards", "allow_symlinks": False, "hash_type": HASH_TYPE,
-                              "shard_size": shard_size},
-            "resources": resources,
-        },
+        "predicate": {"serialization": serialization, "resources": resources},
     }
     return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -481,7 +476,9 @@ def check_resources(statement: VerifiedStatement, actual: Mapping[str, str | Non
     changed = sorted((n for n in set(have) & set(signed) if have[n] is not None and have[n] != signed[n]),
                      key=resource_order)
     if not (unlisted or missing or changed):
-        log.debug("all %d files match their signed digests", len(signed))
+        unhashed = sum(d is None for d in have.values())
+        log.debug("all %d files are signed, %d of them checked against their signed digests", len(signed),
+                  len(signed) - unhashed)
         return
     missing_by_digest = {signed[n]: n for n in missing}
     problems = []

@@ -41,7 +41,7 @@ from packager.repo_chain import (
     sign_root,
 )
 from packager.repo_keys import KeyFile
-from packager.repo_publish import BLOCK_SIZE, PublishResult, check_groups, publish_locked
+from packager.repo_publish import BLOCK_SIZE, PublishResult, check_groups, publish_locked, stored_transfer_signer
 from packager.repo_rotate import RotateResult, refresh_offline, rotate
 from packager.repo_store import (
     MAX_KEYS_PER_ROLE,
@@ -254,15 +254,9 @@ def status(path: Path, now: datetime) -> RepoStatus:
         targets.append(TargetStatus(path=tpath, kind=str(meta.get("kind", "unknown")), name=meta.get("name"),
                                     version=meta.get("version"), groups=tuple(meta.get("groups") or ()),
                                     length=tf.length, sha256=tf.hashes["sha256"], published=meta.get("published"),
-                                    transfer_signer=_transfer_signer(meta)))
+                                    transfer_signer=stored_transfer_signer(meta)))
     return RepoStatus(path=layout.path, trust_anchor=layout.trust_anchor, roles=tuple(roles), targets=tuple(targets),
                       release_key_ids=tuple(k.key_id for k in release_keys_of(layout, chain)))
-
-
-def _transfer_signer(meta: dict[str, Any]) -> str | None:
-    sig = meta.get("transfer_signature")
-    keyid = sig.get("keyid") if isinstance(sig, dict) else None
-    return keyid if isinstance(keyid, str) else None
 
 
 # --- release keys ----------------------------------------------------------------------------

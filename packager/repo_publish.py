@@ -140,6 +140,13 @@ def check_transfer_signature(sidecar: Path, manifest: Manifest, incoming: Incomi
     return sig
 
 
+def stored_transfer_signer(meta: dict[str, Any]) -> str | None:
+    """The key id of the transfer signature in a bundle target's ``custom.edgeship`` fields, if any."""
+    sig = meta.get("transfer_signature")
+    keyid = sig.get("keyid") if isinstance(sig, dict) else None
+    return keyid if isinstance(keyid, str) else None
+
+
 def bundle_custom(manifest: Manifest, groups: Sequence[str], incoming: Incoming, now: datetime,
                   transfer: TransferSignature | None = None) -> dict[str, Any]:
     """The ``custom`` field of a bundle target (see the repository spec)."""
@@ -187,13 +194,12 @@ def publish_locked(layout: Layout, chain: Chain, bundle: Path, *, groups: tuple[
                     f"{manifest.name} {manifest.version} is already published with different bytes "
                     f"(sha256 {existing.hashes.get('sha256', '?')[:16]}..., this bundle {incoming.sha256[:16]}...); "
                     "a released version never changes: build a new version")
-            old_groups = tuple((existing.custom or {}).get("edgeship", {}).get("groups", ()))
+            old_meta = (existing.custom or {}).get("edgeship", {})
+            old_groups = tuple(old_meta.get("groups", ()))
             message = f"{manifest.name} {manifest.version} is already published with these bytes; nothing changed"
             if old_groups != groups:
                 message += f" (its groups stay {', '.join(old_groups) or 'all devices'})"
-            old_transfer = (existing.custom or {}).get("edgeship", {}).get("transfer_signature")
-            return result(False, message, old_groups,
-                          old_transfer.get("keyid") if isinstance(old_transfer, dict) else None)
+            return result(False, message, old_groups, stored_transfer_signer(old_meta))
         transfer = check_transfer_signature(transfer_signature_path(bundle), manifest, incoming, trusted, signer)
         if not stored.exists():
             move_atomic(incoming.path, stored)
